@@ -1,0 +1,118 @@
+"""Finding plugin files under the configured locations.
+
+The walk is deterministic (sorted by path), never hangs on symlink loops (folders are visited once
+by device and inode), runs a file reached twice only once, and turns every unreadable folder into a
+warning instead of an exception: one bad folder must not hide the others' plugins.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+PLUGIN_EXTENSIONS = (".py", ".sh")
+SKIPPED_FOLDERS = ("__pycache__",)
+
+
+@dataclass(frozen=True)
+class PluginFile:
+    name: str  # path relative to the location it was found in
+    path: str  # path as found (location joined with name)
+    location: str
+
+
+def _is_candidate(entry_name: str) -> bool:
+    return not entry_name.startswith(".") and entry_name.lower().endswith(PLUGIN_EXTENSIONS)
+
+
+def _walk(location: str, warnings: list[str]) -> list[PluginFile]:
+    found: list[PluginFile] = []
+    seen_dirs: set[tuple[int, int]] = set()
+
+    pending = [(location, "")]
+    while pending:  # iterative: a very deep tree must not hit the recursion limit
+        folder, relative = pending.pop()
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino)
+            if key in seen_dirs:
+                continue
+            seen_dirs.add(key)
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            warnings.append(f"{folder}: cannot read folder: {exc.strerror}")
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = f"{relative}/{entry.name}" if relative else entry.name
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; loops end at seen_dirs
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if entry.name not in SKIPPED_FOLDERS:
+                    pending.append((entry.path, rel))
+            elif _is_candidate(entry.name):
+                found.append(PluginFile(rel, entry.path, location))
+    return found
+
+
+def discover(locations: list[str]) -> tuple[list[PluginFile], list[str]]:
+    """Every plugin file under ``locations``, sorted by path, each real file once; and warnings."""
+    warnings: list[str] = []
+    files: list[PluginFile] = []
+    for location in dict.fromkeys(locations):  # a location listed twice is walked once
+        try:
+            st = os.stat(location)
+        except OSError as exc:
+            warnings.append(f"{location}: plugin location not usable: {exc.strerror}")
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            files.extend(_walk(location, warnings))
+        else:
+            files.append(PluginFile(os.path.basename(location), location, location))
+    files.sort(key=lambda f: f.path)
+    unique: list[PluginFile] = []
+    seen: set[str] = set()
+    for f in files:
+        real = os.path.realpath(f.path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(f)
+    return unique, warnings
+
+
+def insecure_reason(plugin: PluginFile) -> str | None:
+    """Why running this file would be unsafe (like sshd's StrictModes), or None.
+
+    Checks the file and every folder from its location down to it: each must be owned by us or by
+    root and not writable by group or others.  stat() follows symlinks, so a link is trusted only
+    if its target passes the same check.
+    """
+    uid = os.geteuid()
+    paths = [plugin.path]
+    if plugin.path != plugin.location:
+        folder = os.path.dirname(plugin.path)
+        while True:
+            paths.append(folder)
+            if os.path.normpath(folder) == os.path.normpath(plugin.location) or not folder:
+                break
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                break
+            folder = parent
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return f"{path}: cannot check permissions: {exc.strerror}"
+        if st.st_uid not in (uid, 0):
+            return f"{path}: owned by uid {st.st_uid}, not by uid {uid} or root"
+        if st.st_mode & 0o022:
+            who = "group and others" if st.st_mode & 0o022 == 0o022 else (
+                "group" if st.st_mode & 0o020 else "others")
+            return f"{path}: writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None

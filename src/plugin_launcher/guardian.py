@@ -1,0 +1,136 @@
+"""The guardian: a tiny process that ends every plugin group when the host dies, however it dies.
+
+``atexit`` does not run on SIGKILL, on SIGTERM with Python's default handling, or on ``os._exit``,
+so cleanup must live outside the host.  The host keeps the write end of a pipe to our stdin and
+tells us each plugin's process group as it starts (``+ PGID STOP_TIMEOUT``) and ends (``- PGID``).
+When the pipe reaches end-of-file, or the host's pidfd says it exited, we send SIGTERM to every
+group, SIGKILL to those still alive after their stop timeout, and exit.
+
+Runs as ``python -I -S guardian.py HOST_PID``: standard library only, imports nothing of the
+package, in its own session, deaf to SIGINT/SIGHUP so a Ctrl-C to the terminal cannot kill it
+before it has done its work.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+
+POLL = 0.05
+GRACE_AFTER_KILL = 1.0
+
+
+def live_groups(pgids: "set[int] | list[int]") -> set[int]:
+    """The process groups among ``pgids`` that still have a member that is not a zombie.
+
+    kill(-pgid, 0) alone also counts zombies, which an init that reaps slowly (or a parent that
+    does not) can leave for seconds; those are dead for our purposes.  One pass over /proc serves
+    every group at once.
+    """
+    candidates = set()
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        candidates.add(pgid)
+    if not candidates:
+        return candidates
+    alive: set[int] = set()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return candidates
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[0] != b"Z":  # fields: state, ppid, pgrp, ...
+            pgrp = int(fields[2])
+            if pgrp in candidates:
+                alive.add(pgrp)
+    return alive
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def end_groups(groups: dict[int, float]) -> None:
+    """SIGTERM every group at once, SIGKILL each one still alive after its own timeout."""
+    start = time.monotonic()
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGTERM)
+    killed: dict[int, float] = {}
+    pending = dict(groups)
+    while pending:
+        now = time.monotonic()
+        alive = live_groups(list(pending))
+        for pgid, timeout in list(pending.items()):
+            if pgid not in alive:
+                del pending[pgid]
+            elif pgid in killed:
+                if now - killed[pgid] > GRACE_AFTER_KILL:  # only zombies can be left: give up
+                    del pending[pgid]
+            elif now - start >= timeout:
+                _signal_group(pgid, signal.SIGKILL)
+                killed[pgid] = now
+        if pending:
+            time.sleep(POLL)
+
+
+def main(argv: list[str]) -> int:
+    host_pid = int(argv[1]) if len(argv) > 1 else os.getppid()
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    # SIGTERM to the guardian itself (say, a service manager stopping everything): clean up now.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    fds = [0]
+    try:
+        fds.append(os.pidfd_open(host_pid))
+    except (AttributeError, OSError):
+        pass  # no pidfd: the pipe's end-of-file alone tells us
+    groups: dict[int, float] = {}
+    buffer = b""
+    signal.set_wakeup_fd(-1)
+    r_sig, w_sig = os.pipe()
+    os.set_blocking(w_sig, False)
+    signal.set_wakeup_fd(w_sig)
+    fds.append(r_sig)
+    host_gone = False
+    while not host_gone:
+        try:
+            ready, _, _ = select.select(fds, [], [])
+        except InterruptedError:
+            continue
+        if 0 in ready:
+            data = os.read(0, 65536)
+            if not data:
+                break
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                words = line.split()
+                if len(words) == 3 and words[0] == b"+":
+                    groups[int(words[1])] = float(words[2])
+                elif len(words) == 2 and words[0] == b"-":
+                    groups.pop(int(words[1]), None)
+        host_gone = any(fd in ready for fd in fds[1:])
+    end_groups(groups)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

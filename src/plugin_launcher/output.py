@@ -1,0 +1,91 @@
+"""Turning plugin output into whole, prefixed lines.
+
+The splitter works on whole chunks with bytes operations (one ``rfind`` per chunk, not a loop per
+line), keeps at most ``limit`` bytes of an unfinished line, and decodes nothing: decoding with
+``errors="replace"`` happens only in the sink, so no byte can ever stop the pump.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+from typing import Protocol
+
+LINE_LIMIT = 64 * 1024
+OUTPUT_LOGGER = logging.getLogger("plugin_launcher")
+
+
+class LineSplitter:
+    """Bytes in, blocks of whole lines out (each block ends with a newline)."""
+
+    __slots__ = ("_partial", "_limit")
+
+    def __init__(self, limit: int = LINE_LIMIT) -> None:
+        self._partial = b""
+        self._limit = limit
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._partial + chunk if self._partial else chunk
+        end = data.rfind(b"\n") + 1
+        block, rest = data[:end], data[end:]
+        if len(rest) >= self._limit:  # an over-long line is passed on in pieces
+            cut = len(rest) - len(rest) % self._limit
+            pieces = rest[:cut]
+            block += b"\n".join(
+                pieces[i : i + self._limit] for i in range(0, cut, self._limit)
+            ) + b"\n"
+            rest = rest[cut:]
+        self._partial = rest
+        return block
+
+    def flush(self) -> bytes:
+        """At end of stream: the last line even without its newline."""
+        rest, self._partial = self._partial, b""
+        return rest + b"\n" if rest else b""
+
+
+class Sink(Protocol):
+    def write(self, name: str, stream: str, block: bytes) -> None:
+        """Emit ``block``: one or more whole lines, each ending with a newline."""
+
+
+class LoggingSink:
+    """One log record per line on the ``plugin_launcher`` logger, as LMCache does."""
+
+    def __init__(self, logger: logging.Logger = OUTPUT_LOGGER, level: int = logging.INFO) -> None:
+        self.logger = logger
+        self.level = level
+
+    def write(self, name: str, stream: str, block: bytes) -> None:
+        if not self.logger.isEnabledFor(self.level):
+            return
+        extra = {"plugin": name, "stream": stream}
+        for line in block.decode("utf-8", "replace").split("\n")[:-1]:
+            self.logger.log(self.level, "[%s] %s", name, line, extra=extra)
+
+
+class StreamSink:
+    """Prefixed lines straight to a file descriptor, one write per block (the CLI's stdout)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._prefixes: dict[str, tuple[bytes, bytes]] = {}
+
+    def write(self, name: str, stream: str, block: bytes) -> None:
+        prefix = self._prefixes.get(name)
+        if prefix is None:
+            head = f"[{name}] ".encode()
+            prefix = self._prefixes[name] = (head, b"\n" + head)
+        text = block.decode("utf-8", "replace").encode("utf-8")
+        data = prefix[0] + text[:-1].replace(b"\n", prefix[1]) + b"\n"
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except BlockingIOError:
+                select.select([], [self.fd], [])
+                continue
+            except BrokenPipeError:
+                return  # the reader went away; keep draining the plugins regardless
+            view = view[written:]

@@ -1,0 +1,87 @@
+"""``GET /status`` (JSON) and ``GET /metrics`` (Prometheus) for a running launcher.
+
+One plain ``HTTPServer`` thread: requests are rare and small, and a threading server would add a
+thread per scrape to a process that promises to add at most three.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+log = logging.getLogger("plugin_launcher.status")
+StatusFn = Callable[[], list[dict[str, Any]]]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``PORT``; the host defaults to 127.0.0.1 (never all interfaces
+    unless asked)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--status-addr: expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def render_metrics(status: list[dict[str, Any]]) -> bytes:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    class StatusCollector(Collector):
+        def collect(self) -> Iterator[Any]:
+            up = GaugeMetricFamily("plugin_up", "1 if the plugin process is running",
+                                   labels=["plugin"])
+            restarts = CounterMetricFamily("plugin_restarts", "Restarts of the plugin",
+                                           labels=["plugin"])
+            lines = CounterMetricFamily("plugin_output_lines", "Lines the plugin has written",
+                                        labels=["plugin"])
+            state = GaugeMetricFamily("plugin_state", "1 for the plugin's current state",
+                                      labels=["plugin", "state"])
+            for entry in status:
+                name = entry["name"]
+                up.add_metric([name], 1.0 if entry["state"] in ("running", "stopping") else 0.0)
+                restarts.add_metric([name], entry["restarts"])
+                lines.add_metric([name], entry["output_lines"])
+                state.add_metric([name, entry["state"]], 1.0)
+            yield from (up, restarts, lines, state)
+
+    registry = CollectorRegistry()
+    registry.register(StatusCollector())
+    return generate_latest(registry)
+
+
+def serve_status(status: StatusFn, host: str, port: int) -> HTTPServer:
+    """Serve in a daemon thread; returns the server (``server.server_address`` has the port)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("?", 1)[0]
+            if path == "/status":
+                body = json.dumps(status(), indent=1).encode()
+                kind = "application/json"
+            elif path == "/metrics":
+                body = render_metrics(status())
+                kind = "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                self.send_error(404, "try /status or /metrics")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("status request: " + format, *args)
+
+    server = HTTPServer((host, port), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="plugin-status", daemon=True)
+    thread.start()
+    return server

@@ -1,0 +1,524 @@
+"""One thread, one selector: every plugin's pipes, exits, timers and commands in a single loop.
+
+Waiting is event-driven: output and exits wake the selector (a pidfd per plugin), commands from
+other threads arrive through a self-pipe, and timers (backoff, timeouts, stop grace) set the
+select timeout.  Nothing polls while nothing is due; the only timed waits are while a process
+group is being ended (checked every 50 ms) or on kernels without pidfd.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import random
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from . import limits
+from .guardian import live_groups
+from .guardian_client import GuardianClient
+from .output import Sink
+from .plan import Decision
+from .process import (
+    ACTIVE_STATES,
+    PluginProcess,
+    Run,
+    State,
+    after_exit,
+    backoff_delay,
+    describe_returncode,
+    spawn,
+)
+
+log = logging.getLogger("plugin_launcher.supervisor")
+T = TypeVar("T")
+READ_SIZE = 1 << 16
+GROUP_CHECK = 0.05
+POLL_WITHOUT_PIDFD = 0.1
+KILL_GRACE = 1.0
+
+
+def group_alive(pgid: int) -> bool:
+    return bool(live_groups([pgid]))
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Supervisor:
+    """Owns every ``PluginProcess``; all of their state changes happen on its thread."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        environment: Callable[[Decision], dict[str, str]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.sink = sink
+        self.environment = environment
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.procs: dict[str, PluginProcess] = {}
+        self.listeners: list[Callable[[], None]] = []
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._commands: deque[Callable[[], None]] = deque()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._waiters: list[tuple[Callable[[], bool], threading.Event]] = []
+        self._lingering: dict[int, list[float]] = {}  # pgid -> [kill deadline, killed at]
+        self._generation: dict[str, int] = {}
+        self._replacements: dict[str, Decision] = {}
+        self._group_timer = False
+        self._poll_timer = False
+        self._changed = False
+        self._closing = False
+        self.guardian = GuardianClient()
+        self._thread = threading.Thread(target=self._loop, name="plugin-supervisor", daemon=True)
+
+    # ----------------------------------------------------------------- other threads' interface
+    def start(self) -> None:
+        self.guardian.start()
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the supervisor thread and return its result."""
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            return fn()
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def command() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # handed back to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+        self._commands.append(command)
+        self.wake()
+        while not done.wait(1.0):
+            if not self._thread.is_alive():
+                raise RuntimeError("plugin supervisor thread has died")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]  # type: ignore[no-any-return]
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass  # already awake
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        event = threading.Event()
+
+        def register() -> None:
+            if predicate():
+                event.set()
+            else:
+                self._waiters.append((predicate, event))
+
+        self.call(register)
+        return event.wait(timeout)
+
+    def close(self) -> None:
+        """End the loop thread (plugins must already be stopped) and release the guardian."""
+        if self._thread.is_alive():
+            self.call(self._request_close)
+            self._thread.join()
+        self.guardian.close()
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the loop whenever ``fd`` is readable (supervisor thread only)."""
+        self._selector.register(fd, selectors.EVENT_READ, (lambda *_: callback(), None, None))
+
+    def after(self, delay: float, fn: Callable[[], None]) -> None:
+        """Call ``fn`` on the loop after ``delay`` seconds (supervisor thread only)."""
+        self._after(delay, fn)
+
+    def _request_close(self) -> None:
+        self._closing = True
+
+    # ------------------------------------------------------------------------------ commands
+    def launch(self, decisions: Iterable[Decision], change: str | None = None) -> None:
+        for decision in decisions:
+            proc = PluginProcess(decision, change=change)
+            old = self.procs.get(decision.name)
+            if old is not None and old.state in ACTIVE_STATES:
+                continue
+            self.procs[decision.name] = proc
+            self._start(proc)
+
+    def stop(self, names: Iterable[str] | None = None, timeout: float | None = None) -> None:
+        for name in list(self.procs) if names is None else names:
+            proc = self.procs.get(name)
+            if proc is not None:
+                self._replacements.pop(name, None)
+                self._stop(proc, timeout)
+
+    def replace(self, decision: Decision) -> None:
+        """Restart a plugin with a new decision (its file changed): stop, then start anew."""
+        proc = self.procs.get(decision.name)
+        if proc is None or proc.state not in ACTIVE_STATES:
+            self.procs[decision.name] = PluginProcess(decision, change="changed")
+            self._start(self.procs[decision.name])
+            return
+        self._replacements[decision.name] = decision
+        self._stop(proc, None)
+
+    def quiet(self) -> bool:
+        """True once no plugin is active and no process group is still being ended."""
+        return not self._lingering and all(
+            p.state not in ACTIVE_STATES for p in self.procs.values()
+        )
+
+    def settled(self) -> bool:
+        """True once nothing runs or waits to restart (stopping groups may still be ending)."""
+        return not self._replacements and all(
+            p.state not in ACTIVE_STATES for p in self.procs.values()
+        )
+
+    def status(self) -> list[dict[str, Any]]:
+        return [p.status() for p in self.procs.values()]
+
+    # --------------------------------------------------------------------------------- loop
+    def _loop(self) -> None:
+        while not self._closing:
+            try:
+                self._iterate()
+            except Exception:  # never let one bad event end supervision
+                log.exception("internal error in the plugin supervisor loop")
+
+    def _iterate(self) -> None:
+        timeout = None
+        if self._timers:
+            timeout = max(0.0, self._timers[0][0] - self.clock())
+        for key, _mask in self._selector.select(timeout):
+            if key.data is None:
+                self._run_commands()
+            else:
+                handler, proc, run = key.data
+                handler(proc, run, key.fd)
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            fn()
+        if self._changed:
+            self._changed = False
+            for listener in self.listeners:
+                listener()
+        if self._waiters:
+            remaining = []
+            for predicate, event in self._waiters:
+                if predicate():
+                    event.set()
+                else:
+                    remaining.append((predicate, event))
+            self._waiters = remaining
+
+    def _run_commands(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._commands:
+            self._commands.popleft()()
+
+    def _after(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (self.clock() + delay, next(self._seq), fn))
+
+    def _set_state(self, proc: PluginProcess, state: State) -> None:
+        proc.state = state
+        self._changed = True
+
+    # -------------------------------------------------------------------------- transitions
+    def _start(self, proc: PluginProcess) -> None:
+        generation = self._generation.get(proc.name, 0) + 1
+        self._generation[proc.name] = generation
+        decision = proc.decision
+        if decision.command is None:
+            proc.error = decision.error
+            log.error("plugin %s cannot run: %s", proc.name, decision.error)
+            self._set_state(proc, State.FAILED)
+            proc.last_failure = True
+            return
+        self._set_state(proc, State.STARTING)
+        try:
+            run = spawn(decision, self.environment(decision))
+        except (OSError, subprocess.SubprocessError) as exc:
+            proc.error = f"cannot start {decision.command[0]}: {exc}"
+            log.error("plugin %s: %s", proc.name, proc.error)
+            proc.run = None
+            self._finish(proc, failure=True)
+            return
+        run.started = self.clock()
+        proc.run = run
+        proc.error = None
+        proc.started_wall = run.started_wall
+        self.guardian.watch(run.pgid, decision.options.stop_timeout)
+        for fd in run.open_fds:
+            self._selector.register(fd, selectors.EVENT_READ, (self._on_output, proc, run))
+        if run.pidfd is not None:
+            self._selector.register(run.pidfd, selectors.EVENT_READ, (self._on_exit, proc, run))
+        elif not self._poll_timer:
+            self._poll_timer = True
+            self._after(POLL_WITHOUT_PIDFD, self._poll_exits)
+        self._set_state(proc, State.RUNNING)
+        log.info("started plugin %s (pid %d): %s", proc.name, run.pid, " ".join(decision.command))
+        timeout = decision.options.timeout
+        if timeout is not None:
+            self._after(timeout, lambda: self._on_timeout(proc, run))
+
+    def _stop(self, proc: PluginProcess, timeout: float | None) -> None:
+        grace = proc.decision.options.stop_timeout if timeout is None else timeout
+        if proc.state == State.BACKOFF:
+            self._generation[proc.name] += 1  # cancels the pending restart
+            self._set_state(proc, State.STOPPED)
+            return
+        run = proc.run
+        if run is None or proc.state not in ACTIVE_STATES:
+            return
+        if run.stop_requested:
+            return
+        run.stop_requested = True
+        self._set_state(proc, State.STOPPING)
+        self._terminate(run, grace)
+
+    def _terminate(self, run: Run, grace: float) -> None:
+        """SIGTERM the run's group now, SIGKILL it after ``grace`` if still there."""
+        signal_group(run.pgid, signal.SIGTERM)
+        entry = self._lingering.get(run.pgid)
+        deadline = self.clock() + grace
+        if entry is None:
+            self._lingering[run.pgid] = [deadline, 0.0]
+        elif not entry[1]:
+            entry[0] = min(entry[0], deadline)
+        self._ensure_group_timer()
+
+    def _on_timeout(self, proc: PluginProcess, run: Run) -> None:
+        if proc.run is not run or run.returncode is not None or run.stop_requested:
+            return
+        run.timed_out = True
+        log.warning("plugin %s timed out after %gs; stopping it", proc.name,
+                    proc.decision.options.timeout)
+        self._set_state(proc, State.STOPPING)
+        self._terminate(run, proc.decision.options.stop_timeout)
+
+    # --------------------------------------------------------------------------------- events
+    def _on_output(self, proc: PluginProcess, run: Run, fd: int) -> None:
+        try:
+            chunk = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        self._consume(proc, run, fd, chunk)
+        if not chunk:
+            self._maybe_complete(proc, run)
+
+    def _consume(self, proc: PluginProcess, run: Run, fd: int, chunk: bytes) -> None:
+        """Pass a chunk on as whole lines; an empty chunk means end of stream."""
+        stream = run.open_fds[fd]
+        splitter = run.splitters[fd]
+        if chunk:
+            block = splitter.feed(chunk)
+            if stream == "stderr" and proc.decision.options.has_limits and run.limit_hit is None:
+                self._check_limit_message(proc, run, chunk)
+        else:
+            block = splitter.flush()
+            self._close_stream(run, fd)
+        if block:
+            proc.output_lines += block.count(b"\n")
+            self.sink.write(proc.name, stream, block)
+
+    def _check_limit_message(self, proc: PluginProcess, run: Run, chunk: bytes) -> None:
+        options = proc.decision.options
+        for needle, key in limits.LIMIT_MESSAGES.items():
+            if needle in chunk and getattr(options, key) is not None:
+                run.limit_hit = f"{key}={getattr(options, key)}"
+                return
+
+    def _close_stream(self, run: Run, fd: int) -> None:
+        self._selector.unregister(fd)
+        del run.open_fds[fd]
+        pipe = run.popen.stdout if run.popen.stdout and run.popen.stdout.fileno() == fd \
+            else run.popen.stderr
+        if pipe is not None:
+            pipe.close()
+
+    def _on_exit(self, proc: PluginProcess, run: Run, fd: int) -> None:
+        self._selector.unregister(fd)
+        os.close(fd)
+        run.pidfd = None
+        run.returncode = run.popen.wait()
+        self._maybe_complete(proc, run)
+
+    def _poll_exits(self) -> None:
+        waiting = False
+        for proc in list(self.procs.values()):
+            run = proc.run
+            if run is not None and run.pidfd is None and run.returncode is None:
+                code = run.popen.poll()
+                if code is None:
+                    waiting = True
+                else:
+                    run.returncode = code
+                    self._maybe_complete(proc, run)
+        self._poll_timer = waiting
+        if waiting:
+            self._after(POLL_WITHOUT_PIDFD, self._poll_exits)
+
+    def _maybe_complete(self, proc: PluginProcess, run: Run) -> None:
+        """A run is over once its leader is reaped and its pipes are closed (or its group gone)."""
+        if run.returncode is None or proc.run is not run or proc.state not in ACTIVE_STATES:
+            return
+        if run.open_fds:
+            if group_alive(run.pgid):
+                # Something the plugin started still holds its output: end the group (as
+                # systemd ends a unit's leftover processes) and keep reading until it is gone.
+                if run.pgid not in self._lingering:
+                    self._terminate(run, proc.decision.options.stop_timeout)
+                return
+            self._drain(proc, run)
+        if group_alive(run.pgid):
+            if run.pgid not in self._lingering:
+                self._terminate(run, proc.decision.options.stop_timeout)
+        elif run.pgid not in self._lingering:
+            self.guardian.forget(run.pgid)
+        self._finish(proc, failure=None)
+
+    def _drain(self, proc: PluginProcess, run: Run) -> None:
+        """The group is gone but a pipe is open (held outside it): read what is left, close it."""
+        for fd in list(run.open_fds):
+            while fd in run.open_fds:
+                try:
+                    chunk = os.read(fd, READ_SIZE)
+                except BlockingIOError:
+                    chunk = b""  # nothing buffered: whoever holds it is not the plugin
+                except OSError:
+                    chunk = b""
+                self._consume(proc, run, fd, chunk)
+
+    def _finish(self, proc: PluginProcess, failure: bool | None) -> None:
+        run = proc.run
+        options = proc.decision.options
+        if run is not None and failure is None:
+            code = run.returncode
+            assert code is not None
+            proc.last_returncode = code
+            if run.limit_hit is None and code < 0:
+                run.limit_hit = limits.limit_for_signal(options, -code)
+            failure = code != 0 or run.timed_out or run.limit_hit is not None
+            what = describe_returncode(code)
+            if run.timed_out:
+                what += f" (timed out after {options.timeout:g}s)"
+            if run.limit_hit is not None:
+                what += f" (stopped by limit {run.limit_hit})"
+            stop_requested = run.stop_requested
+        else:
+            what = "could not start"
+            stop_requested = False
+        failure = bool(failure)
+        proc.last_failure = failure
+        if run is not None and proc.started_wall is not None:
+            if self.clock() - run.started >= options.backoff_reset:
+                proc.backoff_step = 0
+        replacement = self._replacements.pop(proc.name, None)
+        if replacement is not None:
+            log.info("plugin %s %s; restarting changed plugin", proc.name, what)
+            new = PluginProcess(replacement, change="changed")
+            self.procs[proc.name] = new
+            self._start(new)
+            return
+        outcome = after_exit(options.restart, options.max_restarts, proc.restarts, failure,
+                             stop_requested)
+        level = logging.WARNING if failure and not stop_requested else logging.INFO
+        if outcome.state == State.BACKOFF:
+            delay = backoff_delay(options.backoff_initial, options.backoff_max,
+                                  proc.backoff_step, self.rng)
+            proc.backoff_step += 1
+            limit = f" of {options.max_restarts}" if options.max_restarts else ""
+            log.log(level, "plugin %s %s; restarting in %.1fs (restart %d%s)", proc.name, what,
+                    delay, proc.restarts + 1, limit)
+            generation = self._generation[proc.name]
+            self._set_state(proc, State.BACKOFF)
+            self._after(delay, lambda: self._restart(proc, generation))
+            return
+        if outcome.state == State.FAILED:
+            log.error("plugin %s %s; %s", proc.name, what, outcome.message)
+        else:
+            log.log(level, "plugin %s %s", proc.name, what)
+        self._set_state(proc, outcome.state)
+
+    def _restart(self, proc: PluginProcess, generation: int) -> None:
+        if self._generation.get(proc.name) != generation or proc.state != State.BACKOFF:
+            return
+        if self.procs.get(proc.name) is not proc:
+            return
+        proc.restarts += 1
+        self._start(proc)
+
+    # ------------------------------------------------------------------------ group endings
+    def _ensure_group_timer(self) -> None:
+        if not self._group_timer:
+            self._group_timer = True
+            self._after(GROUP_CHECK, self._check_groups)
+
+    def _check_groups(self) -> None:
+        now = self.clock()
+        alive = live_groups(list(self._lingering))
+        for pgid, entry in list(self._lingering.items()):
+            deadline, killed_at = entry
+            if pgid not in alive:
+                del self._lingering[pgid]
+                self.guardian.forget(pgid)
+                self._changed = True
+            elif killed_at:
+                if now - killed_at > KILL_GRACE:  # only zombies can remain: stop waiting
+                    del self._lingering[pgid]
+                    self._changed = True
+            elif now >= deadline:
+                signal_group(pgid, signal.SIGKILL)
+                entry[1] = now
+        # runs whose leader exited while something outside the group holds their pipes
+        for proc in list(self.procs.values()):
+            run = proc.run
+            if run is not None and run.returncode is not None and run.open_fds:
+                self._maybe_complete(proc, run)
+        self._group_timer = False
+        if self._lingering or any(
+            p.run is not None and p.run.returncode is not None and p.run.open_fds
+            and p.state in ACTIVE_STATES for p in self.procs.values()
+        ):
+            self._ensure_group_timer()
+
