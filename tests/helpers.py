@@ -1,0 +1,112 @@
+"""Shared helpers for tests that start real processes: poll with deadlines, check PIDs, clean up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PYTHON = sys.executable
+CLI = [PYTHON, "-m", "plugin_launcher"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (a zombie has already died)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    wait_for(lambda: not [p for p in pids if alive(p)], timeout,
+             message=f"processes {[p for p in pids if alive(p)]} to end")
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def write_plugin(folder: Path, name: str, text: str, mode: int = 0o755) -> Path:
+    """Create a plugin file (folders included) with a safe mode (not group/other writable)."""
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def read_pids(path: Path) -> list[int]:
+    """PIDs a plugin wrote to a file, one per line (how tests learn about grandchildren)."""
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+class ProcessTracker:
+    """Remembers every PID a test learns about and kills the leftovers at teardown."""
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+        self.popens: list[subprocess.Popen[Any]] = []
+
+    def add(self, *pids: int) -> None:
+        self.pids.update(pids)
+
+    def popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(*args, **kwargs)
+        self.popens.append(proc)
+        self.pids.add(proc.pid)
+        return proc
+
+    def cleanup(self) -> list[int]:
+        leftovers = [pid for pid in self.pids if alive(pid)]
+        for pid in leftovers:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        for proc in self.popens:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            for pipe in (proc.stdout, proc.stderr, proc.stdin):
+                if pipe is not None:
+                    pipe.close()
+        return leftovers
+
+
+def safe_dir(path: Path) -> Path:
+    """Make ``path`` pass the permission check (owned by us, not group/other writable)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    return path
