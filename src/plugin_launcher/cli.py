@@ -155,7 +155,7 @@ def _start_command(command: list[str]) -> subprocess.Popen[bytes]:
     """The wrapped server, in its own process group so a terminal's Ctrl-C reaches it once
     (through us) instead of twice; it keeps our stdin, stdout and stderr."""
     try:
-        return subprocess.Popen(command, process_group=0)  # type: ignore[call-arg]
+        return subprocess.Popen(command, process_group=0)
     except TypeError:  # Python 3.10
         return subprocess.Popen(command, preexec_fn=os.setpgrp)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -47,13 +47,7 @@ class LauncherConfig:
     def with_locations(self, extra: Sequence[str]) -> LauncherConfig:
         locations = [*self.plugin_locations, *extra]
         data = {**self.data, "plugin_locations": locations}
-        return _replace(self, plugin_locations=locations, data=data, config_json=None)
-
-
-def _replace(config: LauncherConfig, **changes: Any) -> LauncherConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)
+        return replace(self, plugin_locations=locations, data=data, config_json=None)
 
 
 def _count_nodes(value: Any, source: str) -> None:
@@ -78,7 +72,8 @@ def _count_nodes(value: Any, source: str) -> None:
 def from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> LauncherConfig:
     """Check the keys the launcher reads; keep every other key as it is."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {kind}")
     data = dict(data)
     _count_nodes(data, source)
     locations = data.get("plugin_locations")
@@ -87,15 +82,15 @@ def from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> LauncherCon
     elif isinstance(locations, str):
         locations = [locations]
     if not isinstance(locations, list) or not all(isinstance(x, str) and x for x in locations):
-        raise ConfigError(
-            f"{source}: plugin_locations: expected a list of paths, got {data['plugin_locations']!r}"
-        )
+        got = data["plugin_locations"]
+        raise ConfigError(f"{source}: plugin_locations: expected a list of paths, got {got!r}")
     extra = data.get("extra_config")
     if extra is None:
         extra = {}
     if not isinstance(extra, Mapping):
-        raise ConfigError(f"{source}: extra_config: expected a mapping, got {type(extra).__name__}")
-    flags = {}
+        kind = type(extra).__name__
+        raise ConfigError(f"{source}: extra_config: expected a mapping, got {kind}")
+    flags: dict[str, bool] = {}
     for key in ("allow_insecure_plugins", "watch_plugins"):
         value = data.get(key, False)
         if not isinstance(value, bool):
@@ -117,7 +112,8 @@ def from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> LauncherCon
         data=data,
         source=source,
         options=options,
-        **flags,
+        allow_insecure_plugins=flags["allow_insecure_plugins"],
+        watch_plugins=flags["watch_plugins"],
     )
 
 
@@ -140,7 +136,8 @@ def load_file(path: str | os.PathLike[str]) -> LauncherConfig:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {kind}")
     return from_mapping(data, path)
 
 
@@ -162,7 +159,8 @@ def _from_env(env: Mapping[str, str]) -> LauncherConfig:
         except ValueError as exc:
             raise ConfigError(f"{EXTRA_CONFIG_ENV}: malformed JSON: {exc}") from None
         if not isinstance(extra, dict):
-            raise ConfigError(f"{EXTRA_CONFIG_ENV}: expected a JSON object, got {type(extra).__name__}")
+            kind = type(extra).__name__
+            raise ConfigError(f"{EXTRA_CONFIG_ENV}: expected a JSON object, got {kind}")
         data["extra_config"] = extra
     return from_mapping(data, "environment")
 
@@ -202,7 +200,8 @@ def coerce_config(config: Any) -> LauncherConfig:
         if extra is not None:
             data["extra_config"] = extra
         parsed = from_mapping(data, type(config).__name__)
-        return _replace(parsed, config_json=config_json)
+        return replace(parsed, config_json=config_json)
     raise TypeError(
-        "config must be a LauncherConfig, a mapping, or an object with plugin_locations and to_json()"
+        "config must be a LauncherConfig, a mapping, "
+        "or an object with plugin_locations and to_json()"
     )

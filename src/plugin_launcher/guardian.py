@@ -23,7 +23,7 @@ POLL = 0.05
 GRACE_AFTER_KILL = 1.0
 
 
-def live_groups(pgids: "set[int] | list[int]") -> set[int]:
+def live_groups(pgids: list[int]) -> set[int]:
     """The process groups among ``pgids`` that still have a member that is not a zombie.
 
     kill(-pgid, 0) alone also counts zombies, which an init that reaps slowly (or a parent that

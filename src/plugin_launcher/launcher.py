@@ -1,4 +1,4 @@
-"""``PluginLauncher``: the public facade (plan, then supervise, then stop), a drop-in for LMCache's."""
+"""``PluginLauncher``: the public facade (plan, supervise, stop); a drop-in for LMCache's."""
 
 from __future__ import annotations
 

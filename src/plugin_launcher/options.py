@@ -82,7 +82,7 @@ def parse_size(key: str, value: Any) -> int | None:
 
 
 def _apply(base: PluginOptions, raw: Mapping[str, Any], where: str) -> PluginOptions:
-    known = {f.name for f in fields(PluginOptions)} - {"backoff_initial", "backoff_max", "backoff_reset"}
+    known = {f.name for f in fields(PluginOptions) if not f.name.startswith("backoff_")}
     known.add("backoff")
     changes: dict[str, Any] = {}
     for key, value in raw.items():
@@ -91,13 +91,14 @@ def _apply(base: PluginOptions, raw: Mapping[str, Any], where: str) -> PluginOpt
             raise OptionError(f"{name}: unknown option (known: {', '.join(sorted(known))})")
         if key == "restart":
             if value not in RESTART_POLICIES:
-                raise OptionError(f"{name}: expected one of {', '.join(RESTART_POLICIES)}, got {value!r}")
+                choices = ", ".join(RESTART_POLICIES)
+                raise OptionError(f"{name}: expected one of {choices}, got {value!r}")
             changes[key] = value
         elif key == "max_restarts":
             changes[key] = _integer(name, value, minimum=0)
         elif key == "backoff":
             if not isinstance(value, Mapping):
-                raise OptionError(f"{name}: expected a mapping with initial/max/reset, got {value!r}")
+                raise OptionError(f"{name}: expected a mapping of initial/max/reset, got {value!r}")
             for sub, sub_value in value.items():
                 if sub not in ("initial", "max", "reset"):
                     raise OptionError(f"{name}.{sub}: unknown option (known: initial, max, reset)")

@@ -64,21 +64,25 @@ def decide(
     insecure = insecure_reason(plugin)
     if insecure is not None:
         if not config.allow_insecure_plugins:
-            return Decision(plugin.name, plugin.path, False, f"refused: {insecure}", options=options)
+            refused = f"refused: {insecure}"
+            return Decision(plugin.name, plugin.path, False, refused, options=options)
         warnings.append(f"insecure plugin allowed: {insecure}")
     reason = "targets every role" if target.role == "ALL" else f"targets role {target.role}"
     if target.worker_id is not None:
         reason += f", worker {target.worker_id}"
+    argv: list[str] | None = None
+    error: str | None = None
     try:
         command = command_for(plugin.path, read_first_line(plugin.path))
     except OSError as exc:
         error = f"{plugin.path}: cannot read: {exc.strerror}"
-        return Decision(plugin.name, plugin.path, True, reason, None, error, tuple(warnings), options)
     except InterpreterError as exc:
-        return Decision(plugin.name, plugin.path, True, reason, None, str(exc), tuple(warnings), options)
-    if command.warning:
-        warnings.append(command.warning)
-    return Decision(plugin.name, plugin.path, True, reason, command.argv, None, tuple(warnings), options)
+        error = str(exc)
+    else:
+        argv = command.argv
+        if command.warning:
+            warnings.append(command.warning)
+    return Decision(plugin.name, plugin.path, True, reason, argv, error, tuple(warnings), options)
 
 
 def make_plan(config: LauncherConfig, role: str, worker_id: int | None) -> Plan:

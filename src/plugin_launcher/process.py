@@ -51,7 +51,7 @@ def after_exit(
         return Outcome(State.STOPPED, "stopped")
     wants_restart = restart == "always" or (restart == "on-failure" and failure)
     if not wants_restart:
-        return Outcome(State.EXITED, "not restarted (restart: %s)" % restart)
+        return Outcome(State.EXITED, f"not restarted (restart: {restart})")
     if max_restarts and restarts >= max_restarts:
         return Outcome(State.FAILED, f"giving up after {restarts} restarts")
     return Outcome(State.BACKOFF, "restarting")
