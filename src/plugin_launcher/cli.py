@@ -204,8 +204,7 @@ def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
             except OSError as exc:
                 log.error("cannot run %s: %s", command[0], exc.strerror or exc)
                 return 127 if isinstance(exc, FileNotFoundError) else 126
-            supervisor = launcher._ensure_supervisor()
-            supervisor.guardian.watch(child.pid, 10.0)
+            launcher.guard_group(child.pid, 10.0)
             selector.register(os.pidfd_open(child.pid), selectors.EVENT_READ, "child")
         elif launcher.settled and not launcher.config.watch_plugins:
             return _plain_exit_code(launcher)

@@ -180,6 +180,10 @@ class PluginLauncher:
         self._close_watcher()
         self._supervisor = None
 
+    def guard_group(self, pgid: int, stop_timeout: float) -> None:
+        """Have the guardian also end process group ``pgid`` if this process dies (wrap mode)."""
+        self._ensure_supervisor().guardian.watch(pgid, stop_timeout)
+
     def __enter__(self) -> PluginLauncher:
         self.launch_plugins()
         return self

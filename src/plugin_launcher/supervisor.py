@@ -476,6 +476,8 @@ class Supervisor:
             return
         if outcome.state == State.FAILED:
             log.error("plugin %s %s; %s", proc.name, what, outcome.message)
+        elif outcome.state == State.STOPPED:
+            log.info("plugin %s stopped (%s)", proc.name, what)
         else:
             log.log(level, "plugin %s %s", proc.name, what)
         self._set_state(proc, outcome.state)
