@@ -175,14 +175,47 @@ def test_metrics_reporter_exports_the_parent_process_per_worker(
         for fd in extra_fds:
             os.close(fd)
 
-    lines = output(caplog, "all_metrics_reporter.py")
     for port in (base, base + 1):
-        assert f"exporting metrics of PID {os.getpid()} on http://127.0.0.1:{port}/metrics" in lines
+        line = f"exporting metrics of PID {os.getpid()} on http://127.0.0.1:{port}/metrics"
+        wait_until(lambda line=line: line in output(caplog, "all_metrics_reporter.py"), line)
     for launcher in launchers:
         plugins = launcher.plugins  # stop_plugins() forgets them
         launcher.stop_plugins()
         assert [p.returncode for p in plugins] == [0]
     assert scrape(base) is None and scrape(base + 1) is None
+
+
+def test_metrics_reporter_reports_a_busy_port_in_one_line(
+    launch: Callable[..., PluginLauncher], caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        extra = {"metrics_port": port, "metrics_addr": "127.0.0.1"}
+        launcher = launch(PLUGINS / "all_metrics_reporter.py", extra)
+        plugin = launcher.plugins[0]
+        lines = wait_until(
+            lambda: not plugin.running and output(caplog, "all_metrics_reporter.py"),
+            "the plugin to exit",
+        )
+    assert plugin.returncode == 1
+    assert len(lines) == 1 and lines[0].startswith(f"cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_metrics_reporter_without_port_says_what_to_set(
+    launch: Callable[..., PluginLauncher], caplog: pytest.LogCaptureFixture
+) -> None:
+    launcher = launch(PLUGINS / "all_metrics_reporter.py", {"metrics_port": None})
+    plugin = launcher.plugins[0]
+    wait_until(
+        lambda: not plugin.running and output(caplog, "all_metrics_reporter.py"),
+        "the plugin to exit",
+    )
+    assert plugin.returncode == 0
+    assert output(caplog, "all_metrics_reporter.py") == [
+        "set extra_config.metrics_port to export this process's metrics; exiting"
+    ]
 
 
 # -- all_heartbeat.py ----------------------------------------------------------------------------
@@ -318,7 +351,10 @@ def test_heartbeat_without_url_says_what_to_set(
     launch: Callable[..., PluginLauncher], caplog: pytest.LogCaptureFixture
 ) -> None:
     launcher = launch(PLUGINS / "all_heartbeat.py", {})
-    wait_until(lambda: not launcher.plugins[0].running, "the plugin to exit")
+    wait_until(
+        lambda: not launcher.plugins[0].running and output(caplog, "all_heartbeat.py"),
+        "the plugin to exit",
+    )
     assert launcher.plugins[0].returncode == 0
     assert output(caplog, "all_heartbeat.py") == [
         "set extra_config.heartbeat_url to send heartbeats; exiting"
