@@ -248,8 +248,10 @@ def test_every_logs_exceptions_and_goes_on(capsys: pytest.CaptureFixture[str]) -
     def flaky() -> None:
         nonlocal calls
         calls += 1
-        if calls in (1, 2):
-            raise RuntimeError(f"boom {calls}")
+        if calls == 1:
+            raise RuntimeError("boom 1")
+        if calls == 2:
+            raise RuntimeError("boom\n2")  # still one line
         if calls == 4:
             raise ConnectionRefusedError("refused")
         if calls == 5:

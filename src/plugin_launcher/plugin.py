@@ -411,7 +411,8 @@ def _call(fn: Callable[[], object]) -> str | None:
                 tb = tb.tb_next
             code = tb.tb_frame.f_code
             where = f" (at {os.path.basename(code.co_filename)}:{tb.tb_lineno})"
-        return f"failed: {exc.__class__.__name__}: {exc}{where}"
+        message = str(exc).replace("\n", " ")  # one line per failure, whatever the message
+        return f"failed: {exc.__class__.__name__}: {message}{where}"
     return None
 
 
