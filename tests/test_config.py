@@ -159,21 +159,11 @@ def test_malformed_json_in_environment_names_the_variable(name: str, value: str)
     assert str(info.value).startswith(f"{name}: malformed JSON")
 
 
-@pytest.mark.xfail(reason="core bug: a JSON list of non-paths in LMCACHE_PLUGIN_LOCATIONS is "
-                          "reported as 'environment: plugin_locations: ...', not naming the "
-                          "variable", strict=False)
 @pytest.mark.parametrize("value", ["[1, 2]", '[""]', '[["/a"]]'])
 def test_locations_variable_with_non_paths_names_the_variable(value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(env={"LMCACHE_PLUGIN_LOCATIONS": value})
     assert "LMCACHE_PLUGIN_LOCATIONS" in str(info.value)
-
-
-@pytest.mark.parametrize("value", ["[1, 2]", '[""]', '[["/a"]]'])
-def test_locations_variable_with_non_paths_is_a_config_error(value: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_config(env={"LMCACHE_PLUGIN_LOCATIONS": value})
-    assert "plugin_locations" in str(info.value)
 
 
 def test_file_given_ignores_the_environment_variables(tmp_path: Path) -> None:
@@ -314,9 +304,6 @@ def test_wrong_types_name_file_and_key(tmp_path: Path, text: str, message: str) 
     assert str(info.value) == f"{path}: {message}"
 
 
-@pytest.mark.xfail(reason="core bug: an integer option too large for a float raises "
-                          "OverflowError from math.isfinite/float instead of ConfigError",
-                   strict=False)
 @pytest.mark.parametrize(("option", "value"), [
     ("stop_timeout", "1" + "0" * 400),
     ("backoff: {initial", "1" + "0" * 400 + "}"),

@@ -120,9 +120,6 @@ def test_folder_reached_twice_runs_its_files_once(plugin_dir: Path, link: str, r
     assert files[0].name in (f"{link}/all_x.sh", f"{real}/all_x.sh")
 
 
-@pytest.mark.xfail(reason="core bug: _walk visits folders in os.scandir order (a LIFO stack), so "
-                          "which name a folder reached twice gets depends on directory hashing, "
-                          "not on the path order", strict=False)
 def test_folder_reached_twice_gets_the_first_name_by_path(tmp_path: Path) -> None:
     # The same layout under many name pairs: the kept name must always be the first by path.
     kept = []

@@ -98,9 +98,6 @@ def test_malformed_values_name_the_variable(env: dict[str, str], message: str) -
     assert str(info.value) == message
 
 
-@pytest.mark.xfail(reason="core bug: identity._integer accepts str.isdigit() text that int() "
-                          "rejects (superscripts, > 4300 digits): a bare ValueError, not "
-                          "IdentityError naming the variable", strict=False)
 @pytest.mark.parametrize("value", ["\u00b2", "1\u00b2", "9" * 5000])
 def test_odd_digits_are_an_identity_error(value: str) -> None:
     with pytest.raises(IdentityError) as info:

@@ -210,8 +210,6 @@ def test_crlf_file_end_to_end(tmp_path: Path) -> None:
     assert command.warning is None
 
 
-@pytest.mark.xfail(reason="core bug: command_for raises ValueError('embedded null byte') from "
-                          "os.access for a shebang containing NUL", strict=False)
 @pytest.mark.parametrize("line", [b"#!/bin/ba\x00sh\n", b"#!/bin/bash\x00 -e\n"])
 def test_shebang_with_nul_byte_falls_back(tmp_path: Path, line: bytes) -> None:
     path = str(tmp_path / "worker_x.py")

@@ -562,11 +562,6 @@ def test_kit_imports_only_the_standard_library() -> None:
     assert modules - {"__future__"} <= sys.stdlib_module_names
 
 
-@pytest.mark.xfail(
-    reason="plugin_launcher/__init__.py imports the whole launcher (and PyYAML) eagerly, so "
-    "`import plugin_launcher.plugin` pays for it; a lazy __init__ (PEP 562) fixes this",
-    strict=False,
-)
 def test_importing_the_kit_loads_nothing_heavy() -> None:
     code = (
         "import sys, plugin_launcher.plugin; "

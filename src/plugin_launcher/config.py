@@ -162,6 +162,11 @@ def _from_env(env: Mapping[str, str]) -> LauncherConfig:
             kind = type(extra).__name__
             raise ConfigError(f"{EXTRA_CONFIG_ENV}: expected a JSON object, got {kind}")
         data["extra_config"] = extra
+    locations = data.get("plugin_locations")
+    if locations is not None and not (
+        isinstance(locations, list) and all(isinstance(x, str) and x for x in locations)
+    ):
+        raise ConfigError(f"{LOCATIONS_ENV}: expected a list of paths, got {locations!r}")
     return from_mapping(data, "environment")
 
 

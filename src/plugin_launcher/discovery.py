@@ -40,10 +40,11 @@ def _walk(location: str, warnings: list[str]) -> list[PluginFile]:
                 continue
             seen_dirs.add(key)
             with os.scandir(folder) as it:
-                entries = list(it)
+                entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             warnings.append(f"{folder}: cannot read folder: {exc.strerror}")
             continue
+        subfolders = []
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -54,9 +55,10 @@ def _walk(location: str, warnings: list[str]) -> list[PluginFile]:
                 is_dir = False
             if is_dir:
                 if entry.name not in SKIPPED_FOLDERS:
-                    pending.append((entry.path, rel))
+                    subfolders.append((entry.path, rel))
             elif _is_candidate(entry.name):
                 found.append(PluginFile(rel, entry.path, location))
+        pending.extend(reversed(subfolders))  # visit in path order: the first path wins a tie
     return found
 
 

@@ -33,7 +33,7 @@ class Identity:
 
 def _integer(env: Mapping[str, str], name: str, minimum: int) -> int:
     raw = env[name].strip()
-    if not raw.isdigit() or int(raw) < minimum:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < minimum:
         raise IdentityError(f"{name}={env[name]!r} is not an integer >= {minimum}")
     return int(raw)
 

@@ -46,7 +46,9 @@ def parse_shebang(first_line: bytes) -> list[str] | None:
             rest = rest[1:]
         elif rest[:1] and rest[0].startswith("-S"):
             rest = [rest[0][2:], *rest[1:]]
-        if rest and not rest[0].startswith("-") and "=" not in rest[0]:
+        if not rest:
+            return ["env", ""]  # `#!/usr/bin/env` alone names no program: fall back
+        if not rest[0].startswith("-") and "=" not in rest[0]:
             return ["env", *rest]
     return words
 
@@ -61,6 +63,8 @@ def _fallback(path: str) -> list[str]:
 
 
 def _resolve(program: str) -> str | None:
+    if "\0" in program:
+        return None
     if "/" in program:
         return program if os.access(program, os.X_OK) and os.path.isfile(program) else None
     return shutil.which(program)
@@ -73,7 +77,7 @@ def command_for(path: str, first_line: bytes) -> Command:
         return Command([*_fallback(path), path])
     if shebang[0] == "env":
         program, args = shebang[1], shebang[2:]
-        found = _resolve(program)
+        found = _resolve(program) if program else None
         if found is not None:
             return Command([found, *args, path])
         missing = program

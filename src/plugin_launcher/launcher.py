@@ -91,6 +91,7 @@ class PluginLauncher:
         self._watcher: Any = None
         self._reload_pending = False
         self._listeners: list[Any] = []
+        self._last_plugins: list[PluginProcess] = []
 
     # ------------------------------------------------------------------------------ planning
     def plan(self) -> Plan:
@@ -140,8 +141,9 @@ class PluginLauncher:
 
     @property
     def plugins(self) -> list[PluginProcess]:
+        """The plugins of the current (or, after a stop, the last) launch."""
         if self._supervisor is None:
-            return []
+            return list(self._last_plugins)
         return list(self._supervisor.procs.values())
 
     def status(self) -> list[dict[str, Any]]:
@@ -178,6 +180,7 @@ class PluginLauncher:
             supervisor.wait_until(supervisor.quiet)
         supervisor.close()
         self._close_watcher()
+        self._last_plugins = list(supervisor.procs.values())
         self._supervisor = None
 
     def guard_group(self, pgid: int, stop_timeout: float) -> None:

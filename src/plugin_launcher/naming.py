@@ -37,6 +37,6 @@ def parse_name(file_name: str) -> Target:
     parts = stem.split("_")
     role = parts[0].upper()
     worker_id = None
-    if len(parts) >= 3 and parts[1].isascii() and parts[1].isdigit():
+    if len(parts) >= 3 and parts[1].isascii() and parts[1].isdigit() and len(parts[1]) < 4000:
         worker_id = int(parts[1])
     return Target(role, worker_id)

@@ -46,7 +46,13 @@ class PluginOptions:
 def _number(key: str, value: Any, *, minimum: float = 0.0, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{key}: expected a number, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
         raise OptionError(f"{key}: expected a number, got {value!r}")
     if value < minimum:
         raise OptionError(f"{key}: must be >= {minimum:g}, got {value!r}")
@@ -75,7 +81,10 @@ def parse_size(key: str, value: Any) -> int | None:
     match = _SIZE.match(value) if isinstance(value, str) else None
     if match is None:
         raise OptionError(f"{key}: expected a size such as 512M or 2G, got {value!r}")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(number) or number >= 1 << 63:
+        raise OptionError(f"{key}: too large, got {value!r}")
+    size = int(number)
     if size <= 0:
         raise OptionError(f"{key}: must be positive, got {value!r}")
     return size

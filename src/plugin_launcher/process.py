@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import IO, Any
 
 from . import limits
 from .output import LineSplitter
@@ -83,6 +83,7 @@ class Run:
     started_wall: float
     pidfd: int | None = None
     open_fds: dict[int, str] = field(default_factory=dict)  # fd -> "stdout" | "stderr"
+    pipes: dict[int, IO[bytes]] = field(default_factory=dict)  # fd -> its file object
     splitters: dict[int, LineSplitter] = field(default_factory=dict)
     returncode: int | None = None
     stop_requested: bool = False
@@ -184,6 +185,7 @@ def spawn(decision: Decision, env: dict[str, str]) -> Run:
         fd = pipe.fileno()
         os.set_blocking(fd, False)
         run.open_fds[fd] = stream
+        run.pipes[fd] = pipe
         run.splitters[fd] = LineSplitter()
     try:
         run.pidfd = os.pidfd_open(popen.pid)

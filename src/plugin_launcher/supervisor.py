@@ -222,7 +222,10 @@ class Supervisor:
         timeout = None
         if self._timers:
             timeout = max(0.0, self._timers[0][0] - self.clock())
+        fd_map = self._selector.get_map()
         for key, _mask in self._selector.select(timeout):
+            if fd_map.get(key.fd) is not key:
+                continue  # closed (or even reused) by an earlier handler of this same round
             if key.data is None:
                 self._run_commands()
             else:
@@ -371,10 +374,7 @@ class Supervisor:
     def _close_stream(self, run: Run, fd: int) -> None:
         self._selector.unregister(fd)
         del run.open_fds[fd]
-        pipe = run.popen.stdout if run.popen.stdout and run.popen.stdout.fileno() == fd \
-            else run.popen.stderr
-        if pipe is not None:
-            pipe.close()
+        run.pipes.pop(fd).close()
 
     def _on_exit(self, proc: PluginProcess, run: Run, fd: int) -> None:
         self._selector.unregister(fd)
