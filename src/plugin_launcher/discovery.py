@@ -96,6 +96,8 @@ def insecure_reason(plugin: PluginFile) -> str | None:
     """
     uid = os.geteuid()
     paths = [plugin.path]
+    if os.path.islink(plugin.path):  # a link is trusted only if its target's folder is, too
+        paths.append(os.path.dirname(os.path.realpath(plugin.path)))
     if plugin.path != plugin.location:
         folder = os.path.dirname(plugin.path)
         while True:

@@ -18,6 +18,7 @@ from .supervisor import Supervisor
 
 log = logging.getLogger("plugin_launcher.launcher")
 SETTLE_TIME = 0.5
+STOP_MARGIN = 30.0  # past SIGKILL only a process stuck in the kernel (D state) can remain
 
 
 def check_role(role: Any) -> str:
@@ -177,7 +178,11 @@ class PluginLauncher:
             return
         if supervisor.alive:
             supervisor.call(lambda: supervisor.stop(None, timeout))
-            supervisor.wait_until(supervisor.quiet)
+            grace = timeout if timeout is not None else max(
+                (p.decision.options.stop_timeout for p in supervisor.procs.values()), default=0.0)
+            if not supervisor.wait_until(supervisor.quiet, grace + STOP_MARGIN):
+                log.error("plugins still running %.0fs after SIGKILL: %s", STOP_MARGIN, ", ".join(
+                    p.name for p in supervisor.procs.values() if p.state in ACTIVE_STATES))
         supervisor.close()
         self._close_watcher()
         self._last_plugins = list(supervisor.procs.values())
