@@ -1,0 +1,285 @@
+"""Per-plugin resource limits (issue 7): nice, memory_max, open_files_max, cpu_time_max.
+
+The limits are applied in the child with setrlimit/setpriority (no cgroup v2 here), so every test
+checks them where a user would: in /proc/<pid>, in how a plugin that crosses one ends, in the log
+line naming the limit, and in what the restart policy does about it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import resource
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import CLI, PYTHON, alive, wait_for, wait_gone, write_plugin
+
+from plugin_launcher import ConfigError, PluginLauncher
+
+ROLE = "worker"
+DEADLINE = 10.0  # only reached when something is wrong
+MIB = 1 << 20
+
+
+class Recorder(logging.Handler):
+    """Every message of the ``plugin_launcher`` loggers (output and the launcher's own)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._guard:
+            self.messages.append(record.getMessage())
+
+    def lines(self) -> list[str]:
+        with self._guard:
+            return list(self.messages)
+
+    def having(self, *parts: str) -> list[str]:
+        return [m for m in self.lines() if all(p in m for p in parts)]
+
+    def output(self, name: str) -> list[str]:
+        prefix = f"[{name}] "
+        return [m[len(prefix):] for m in self.lines() if m.startswith(prefix)]
+
+    def started_pids(self, name: str) -> list[int]:
+        pattern = re.compile(rf"^started plugin {re.escape(name)} \(pid (\d+)\)")
+        return [int(m.group(1)) for m in map(pattern.match, self.lines()) if m]
+
+
+@pytest.fixture
+def logs() -> Iterator[Recorder]:
+    logger = logging.getLogger("plugin_launcher")
+    recorder = Recorder()
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(recorder)
+    yield recorder
+    logger.removeHandler(recorder)
+    logger.setLevel(old_level)
+
+
+def make_config(plugin_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
+    default = {"stop_timeout": 1.0, **options.pop("default", {})}
+    return {"plugin_locations": [str(plugin_dir)],
+            "plugin_options": {"default": default, **options}}
+
+
+def status_of(launcher: PluginLauncher, name: str) -> dict[str, Any]:
+    return next(e for e in launcher.status() if e["name"] == name)
+
+
+def running_pid(launcher: PluginLauncher, name: str) -> int | None:
+    entry = status_of(launcher, name)
+    if entry["state"] == "running" and entry["pid"] and alive(entry["pid"]):
+        return int(entry["pid"])
+    return None
+
+
+def start(launcher: PluginLauncher, launchers: list[PluginLauncher]) -> PluginLauncher:
+    launchers.append(launcher)
+    launcher.launch_plugins()
+    return launcher
+
+
+def wait_running(launcher: PluginLauncher, name: str, tracker: Any) -> int:
+    pid = wait_for(lambda: running_pid(launcher, name), DEADLINE, message=f"{name} to run")
+    tracker.add(pid)
+    return int(pid)
+
+
+def proc_nice(pid: int) -> int:
+    """Field 19 of /proc/<pid>/stat (counting from 1; the fields after "(comm)" start at 3)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[19 - 3])
+
+
+def proc_limit(pid: int, what: str) -> tuple[str, str]:
+    """(soft, hard) of one row of /proc/<pid>/limits, e.g. "Max open files"."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith(what):
+            soft, hard = line[len(what):].split()[:2]
+            return soft, hard
+    raise AssertionError(f"no {what!r} row in /proc/{pid}/limits")
+
+
+SLEEPER = "#!/bin/sh\necho started $$\nexec sleep 60\n"
+
+
+# ------------------------------------------------------------------------------ memory_max
+
+
+def test_memory_max_stops_a_greedy_plugin_and_counts_as_failure(plugin_dir, tracker, launchers,
+                                                                  logs):
+    """500 MB under memory_max: 200M fails, names the limit, is restarted (on-failure) and then
+    given up on; a plugin beside it runs on untouched."""
+    write_plugin(plugin_dir, "worker_greedy.py",
+                 f"#!{PYTHON}\nprint('allocating', flush=True)\n"
+                 "buf = bytearray(500 * 1024 * 1024)\nprint('allocated 500 MB', flush=True)\n"
+                 "import time\ntime.sleep(60)\n")
+    write_plugin(plugin_dir, "worker_calm.sh", SLEEPER)
+    config = make_config(plugin_dir, {"worker_greedy.py": {
+        "memory_max": "200M", "restart": "on-failure", "max_restarts": 1,
+        "backoff": {"initial": 0.1, "max": 0.2}}})
+    launcher = start(PluginLauncher(config, ROLE), launchers)
+    calm_pid = wait_running(launcher, "worker_calm.sh", tracker)
+
+    wait_for(lambda: status_of(launcher, "worker_greedy.py")["state"] == "failed", DEADLINE,
+             message="worker_greedy.py to be given up on")
+    greedy_pids = logs.started_pids("worker_greedy.py")
+    tracker.add(*greedy_pids)
+    assert len(greedy_pids) == 2  # the first run and one restart (max_restarts: 1)
+    wait_gone(greedy_pids)
+    entry = status_of(launcher, "worker_greedy.py")
+    assert entry["restarts"] == 1
+    assert entry["exit_code"] not in (None, 0)
+    limit_lines = logs.having("plugin worker_greedy.py", f"memory_max={200 * MIB}")
+    assert len(limit_lines) == 2, logs.lines()
+    assert "restarting" in limit_lines[0]
+    assert "giving up" in limit_lines[1]
+    out = logs.output("worker_greedy.py")
+    assert out.count("allocating") == 2
+    assert "allocated 500 MB" not in out
+    assert any("MemoryError" in line for line in out)
+
+    assert running_pid(launcher, "worker_calm.sh") == calm_pid  # unaffected
+    assert logs.started_pids("worker_calm.sh") == [calm_pid]
+
+
+# -------------------------------------------------------------- nice and open_files_max
+
+
+def test_nice_and_limits_are_visible_in_proc(plugin_dir, tracker, launchers, logs):
+    """default: open_files_max 64 for all; one plugin adds nice 10 and memory_max 1G, and what
+    it starts inherits them."""
+    write_plugin(plugin_dir, "worker_limited.sh",
+                 "#!/bin/sh\nsleep 60 &\necho child $!\nwait\n")
+    write_plugin(plugin_dir, "worker_plain.sh", SLEEPER)
+    config = make_config(plugin_dir, {
+        "default": {"open_files_max": 64},
+        "worker_limited.sh": {"nice": 10, "memory_max": "1G"}})
+    launcher = start(PluginLauncher(config, ROLE), launchers)
+    limited = wait_running(launcher, "worker_limited.sh", tracker)
+    plain = wait_running(launcher, "worker_plain.sh", tracker)
+    line = wait_for(lambda: logs.output("worker_limited.sh"), message="the child's PID")[0]
+    child = int(line.split()[1])
+    tracker.add(child)
+
+    for pid in (limited, child):
+        assert proc_nice(pid) == 10
+        assert proc_limit(pid, "Max open files") == ("64", "64")
+        assert proc_limit(pid, "Max address space") == (str(1 << 30), str(1 << 30))
+    assert proc_nice(plain) == os.getpriority(os.PRIO_PROCESS, 0)  # not reniced
+    assert proc_limit(plain, "Max open files") == ("64", "64")  # the default applies to all
+    ours = resource.getrlimit(resource.RLIMIT_AS)[0]
+    assert proc_limit(plain, "Max address space")[0] == (
+        "unlimited" if ours == resource.RLIM_INFINITY else str(ours))
+
+    launcher.stop_plugins(timeout=1.0)
+    wait_gone([limited, child, plain])
+
+
+def test_open_files_max_is_enforced(plugin_dir, tracker, launchers, logs):
+    """A plugin that opens files past open_files_max fails with the limit named in the log."""
+    write_plugin(plugin_dir, "worker_hoarder.py",
+                 f"#!{PYTHON}\nfiles = [open('/dev/null') for _ in range(200)]\n"
+                 "print('opened 200 files', flush=True)\n")
+    config = make_config(plugin_dir, {"worker_hoarder.py": {"open_files_max": 32}})
+    launcher = start(PluginLauncher(config, ROLE), launchers)
+    wait_for(lambda: status_of(launcher, "worker_hoarder.py")["state"] == "exited", DEADLINE,
+             message="worker_hoarder.py to end")
+    tracker.add(*logs.started_pids("worker_hoarder.py"))
+    assert status_of(launcher, "worker_hoarder.py")["exit_code"] == 1
+    assert "opened 200 files" not in logs.output("worker_hoarder.py")
+    assert logs.having("plugin worker_hoarder.py", "open_files_max=32")
+
+
+# ------------------------------------------------------------------------------ cpu_time_max
+
+
+def test_cpu_time_max_ends_a_busy_loop_with_sigxcpu(plugin_dir, tracker, launchers, logs):
+    write_plugin(plugin_dir, "worker_spin.sh",
+                 "#!/bin/bash\nulimit -c 0\necho spinning\nwhile :; do :; done\n")
+    write_plugin(plugin_dir, "worker_calm.sh", SLEEPER)
+    config = make_config(plugin_dir, {"worker_spin.sh": {"cpu_time_max": 1}})
+    launcher = start(PluginLauncher(config, ROLE), launchers)
+    spin = wait_running(launcher, "worker_spin.sh", tracker)
+    calm = wait_running(launcher, "worker_calm.sh", tracker)
+    assert proc_limit(spin, "Max cpu time")[0] == "1"
+
+    wait_for(lambda: status_of(launcher, "worker_spin.sh")["state"] == "exited", DEADLINE,
+             message="the busy loop to be stopped by its CPU limit")
+    wait_gone([spin])
+    entry = status_of(launcher, "worker_spin.sh")
+    assert entry["signal"] == "SIGXCPU"
+    assert logs.having("plugin worker_spin.sh", "SIGXCPU", "cpu_time_max")
+    assert running_pid(launcher, "worker_calm.sh") == calm
+
+
+# ------------------------------------------------------------------------------ bad values
+
+
+BAD_VALUES = [
+    ("memory_max", "lots"),
+    ("memory_max", -5),
+    ("nice", 50),
+    ("nice", "low"),
+    ("open_files_max", -1),
+    ("open_files_max", 0),
+    ("cpu_time_max", 0),
+    ("cpu_time_max", "an hour"),
+    ("memroy_max", "1G"),  # a typo is an unknown key, not silently ignored
+]
+
+
+@pytest.mark.parametrize("where", ["default", "worker_x.sh"])
+@pytest.mark.parametrize(("key", "value"), BAD_VALUES)
+def test_bad_limit_is_a_config_error_naming_the_key(where, key, value, plugin_dir):
+    config = {"plugin_locations": [str(plugin_dir)], "plugin_options": {where: {key: value}}}
+    with pytest.raises(ConfigError, match=re.escape(f"plugin_options.{where}.{key}")):
+        PluginLauncher(config, ROLE)
+
+
+@pytest.mark.parametrize(("action", "key", "value"), [
+    ("run", "memory_max", "lots"),
+    ("list", "nice", 50),
+    ("list", "open_files_max", -1),
+])
+def test_cli_bad_limit_exits_2_with_error_line(action, key, value, plugin_dir, tmp_path, tracker):
+    write_plugin(plugin_dir, "worker_a.sh", SLEEPER)
+    config_file = tmp_path / "lmcache.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "plugin_locations": [str(plugin_dir)],
+        "plugin_options": {"default": {key: value}}}))
+    proc = tracker.popen([*CLI, action, "--role", ROLE, "--config", str(config_file)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 2
+    errors = [line for line in err.decode().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and key in errors[0], err.decode()
+    assert b"started" not in out  # nothing ran
+
+
+# ------------------------------------------------------------------------------- list
+
+
+def test_list_says_which_limit_mechanism_applies(plugin_dir, tracker):
+    write_plugin(plugin_dir, "worker_a.sh", SLEEPER)
+    proc = tracker.popen([*CLI, "list", "--role", ROLE, "--plugin-location", str(plugin_dir)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 0, err.decode()
+    lines = [line for line in out.decode().splitlines() if line.startswith("# limits:")]
+    assert len(lines) == 1, out.decode()
+    assert "setrlimit" in lines[0]
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        assert "no cgroup v2" in lines[0]  # this machine: setrlimit and nice only
