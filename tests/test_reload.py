@@ -199,9 +199,6 @@ def test_edited_plugin_restarts_exactly_once(plugin_dir, tracker, launchers, log
     assert logs.started_pids("worker_other.sh") == [other_pid]
 
 
-@pytest.mark.xfail(reason="core bug: the replacement PluginProcess made in Supervisor._finish has "
-                   "no file signature, so every later reload restarts the plugin again",
-                   strict=False)
 def test_restarted_plugin_is_left_alone_by_the_next_reload(plugin_dir, tracker, launchers, logs):
     """Edit a plugin (one restart), then drop in another: the edited one must not restart again."""
     a_path = write_plugin(plugin_dir, "worker_a.sh", sleeper("v1"))
@@ -240,8 +237,6 @@ def test_unchanged_plugins_keep_their_pid_across_reloads(plugin_dir, tracker, la
     assert status_of(launcher, "worker_a.sh")["change"] is None
 
 
-@pytest.mark.xfail(reason="core bug: PluginLauncher._apply defers (and re-schedules) a running, "
-                   "unchanged plugin whose file is younger than settle_time", strict=False)
 def test_reload_of_a_young_unchanged_plugin_reports_nothing(plugin_dir, tracker, launchers, logs):
     """Files written just before launch are running and unchanged: nothing to defer."""
     write_plugin(plugin_dir, "worker_a.sh", sleeper("a"))
@@ -326,8 +321,6 @@ def test_slowly_written_plugin_starts_once_complete(plugin_dir, tracker, launche
     assert logs.count("started new plugin worker_slow.py") == 1
 
 
-@pytest.mark.xfail(reason="core bug: a reload timer that fires during stop_plugins() starts "
-                   "plugins, and stop_plugins() then waits for them forever", strict=False)
 def test_stopping_with_a_reload_pending_starts_nothing(plugin_dir, tracker, launchers, logs):
     """stop_plugins() while a dropped-in file waits to settle: returns, and nothing new runs."""
     stubborn = "#!/bin/sh\ntrap '' TERM\necho started $$\nexec sleep 60\n"

@@ -91,6 +91,8 @@ class PluginLauncher:
         self._config_json = self.config.to_json()
         self._watcher: Any = None
         self._reload_pending = False
+        self._reload_due = 0.0
+        self._stopping = False
         self._listeners: list[Any] = []
         self._last_plugins: list[PluginProcess] = []
 
@@ -115,6 +117,8 @@ class PluginLauncher:
     # ------------------------------------------------------------------------------ lifetime
     def _ensure_supervisor(self) -> Supervisor:
         if self._supervisor is None or not self._supervisor.alive:
+            self._stopping = False
+            self._reload_pending = False
             self._supervisor = Supervisor(self.sink, self._environment)
             self._supervisor.listeners.extend(self._listeners)
             self._supervisor.start()
@@ -125,8 +129,10 @@ class PluginLauncher:
 
     def launch_plugins(self) -> list[PluginProcess]:
         """Start every selected plugin and return at once (their output is pumped in the back)."""
-        selected = self._report(self.plan())
         supervisor = self._ensure_supervisor()
+        if self.config.watch_plugins:
+            self.watch()  # before planning, so a file added meanwhile is not missed
+        selected = self._report(self.plan())
 
         def launch() -> None:
             supervisor.launch(selected)
@@ -136,8 +142,6 @@ class PluginLauncher:
         supervisor.call(launch)
         if not selected:
             log.info("no plugin selected for role %s, worker %s", self.role, self.worker_id)
-        if self.config.watch_plugins:
-            self.watch()
         return self.plugins
 
     @property
@@ -177,7 +181,12 @@ class PluginLauncher:
         if supervisor is None:
             return
         if supervisor.alive:
-            supervisor.call(lambda: supervisor.stop(None, timeout))
+
+            def stop_all() -> None:
+                self._stopping = True  # a pending live reload must not start anything now
+                supervisor.stop(None, timeout)
+
+            supervisor.call(stop_all)
             grace = timeout if timeout is not None else max(
                 (p.decision.options.stop_timeout for p in supervisor.procs.values()), default=0.0)
             if not supervisor.wait_until(supervisor.quiet, grace + STOP_MARGIN):
@@ -207,29 +216,34 @@ class PluginLauncher:
         return supervisor.call(lambda: self._apply(supervisor, plan))
 
     def _apply(self, supervisor: Supervisor, plan: Plan) -> dict[str, list[str]]:
+        if self._stopping:
+            return {"started": [], "stopped": [], "restarted": [], "deferred": []}
         wanted = {d.name: d for d in self._report(plan)}
         now = time.time()
         changes: dict[str, list[str]] = {"started": [], "stopped": [], "restarted": [],
                                          "deferred": []}
         for name, decision in wanted.items():
             signature = file_signature(decision.path)
+            proc = supervisor.procs.get(name)
+            unchanged = (proc is not None and proc.change != "removed"
+                         and proc.signature == signature
+                         and proc.decision.command == decision.command)
+            if unchanged:
+                continue
             if signature is not None and now - signature[3] / 1e9 < self.settle_time:
                 changes["deferred"].append(name)  # still being written: look again later
                 continue
-            proc = supervisor.procs.get(name)
             if proc is None or proc.change == "removed":
                 log.info("started new plugin %s", name)
                 supervisor.launch([decision], change="added")
                 changes["started"].append(name)
-            elif proc.signature != signature or proc.decision.command != decision.command:
+            else:
                 if proc.state in ACTIVE_STATES:
                     log.info("restarting changed plugin %s", name)
                 else:
                     log.info("starting changed plugin %s", name)
                 supervisor.replace(decision)
                 changes["restarted"].append(name)
-            else:
-                continue
             supervisor.procs[name].signature = signature
         for name, proc in supervisor.procs.items():
             if name not in wanted and proc.change != "removed":
@@ -267,6 +281,8 @@ class PluginLauncher:
         self._reload_pending = True
 
         def fire() -> None:
+            if self._stopping or self._supervisor is not supervisor:
+                return
             remaining = self._reload_due - supervisor.clock()
             if remaining > 0:
                 supervisor.after(remaining, fire)

@@ -456,7 +456,7 @@ class Supervisor:
         replacement = self._replacements.pop(proc.name, None)
         if replacement is not None:
             log.info("plugin %s %s; restarting changed plugin", proc.name, what)
-            new = PluginProcess(replacement, change="changed")
+            new = PluginProcess(replacement, change="changed", signature=proc.signature)
             self.procs[proc.name] = new
             self._start(new)
             return
