@@ -21,6 +21,7 @@ class GuardianClient:
         self._fd: int | None = None
         self._lock = threading.Lock()
         self._broken = False
+        self._pending: list[str] = []
 
     def start(self) -> None:
         read_end, write_end = os.pipe()  # both close-on-exec: no plugin can hold the pipe open
@@ -44,8 +45,14 @@ class GuardianClient:
 
     def _send(self, message: str) -> None:
         with self._lock:
-            if self._fd is None:
+            self._pending.append(message)
+
+    def flush(self) -> None:
+        """Send what was queued in one write (the supervisor flushes after each loop round)."""
+        with self._lock:
+            if not self._pending or self._fd is None:
                 return
+            message, self._pending = "".join(self._pending), []
             try:
                 os.write(self._fd, message.encode())
             except OSError as exc:
@@ -62,6 +69,7 @@ class GuardianClient:
 
     def close(self) -> None:
         """Let the guardian go: it ends whatever groups it still knows, then exits."""
+        self.flush()
         with self._lock:
             fd, self._fd = self._fd, None
         if fd is not None:

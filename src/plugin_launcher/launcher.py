@@ -199,7 +199,9 @@ class PluginLauncher:
 
     def guard_group(self, pgid: int, stop_timeout: float) -> None:
         """Have the guardian also end process group ``pgid`` if this process dies (wrap mode)."""
-        self._ensure_supervisor().guardian.watch(pgid, stop_timeout)
+        guardian = self._ensure_supervisor().guardian
+        guardian.watch(pgid, stop_timeout)
+        guardian.flush()
 
     def __enter__(self) -> PluginLauncher:
         self.launch_plugins()

@@ -77,9 +77,21 @@ class StreamSink:
         if prefix is None:
             head = f"[{name}] ".encode()
             prefix = self._prefixes[name] = (head, b"\n" + head)
-        text = block.decode("utf-8", "replace").encode("utf-8")
-        data = prefix[0] + text[:-1].replace(b"\n", prefix[1]) + b"\n"
-        view = memoryview(data)
+        if not block.isascii():  # ASCII is valid UTF-8: skip the round trip on the hot path
+            block = block.decode("utf-8", "replace").encode("utf-8")
+        # One gathered write per block: no concatenated copy of the whole block.
+        parts = [prefix[0], block[:-1].replace(b"\n", prefix[1]), b"\n"]
+        total = sum(len(p) for p in parts)
+        try:
+            written = os.writev(self.fd, parts)
+        except BlockingIOError:
+            written = 0
+        except BrokenPipeError:
+            return  # the reader went away; keep draining the plugins regardless
+        if written < total:  # a partial write (pipe or non-blocking fd): finish it plainly
+            self._write_all(memoryview(b"".join(parts))[written:])
+
+    def _write_all(self, view: memoryview) -> None:
         while view:
             try:
                 written = os.write(self.fd, view)
@@ -87,5 +99,5 @@ class StreamSink:
                 select.select([], [self.fd], [])
                 continue
             except BrokenPipeError:
-                return  # the reader went away; keep draining the plugins regardless
+                return
             view = view[written:]

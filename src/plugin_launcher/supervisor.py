@@ -235,6 +235,7 @@ class Supervisor:
         while self._timers and self._timers[0][0] <= now:
             _, _, fn = heapq.heappop(self._timers)
             fn()
+        self.guardian.flush()
         if self._changed:
             self._changed = False
             for listener in self.listeners:
