@@ -45,12 +45,19 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
 
 
 def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc)."""
+    """Direct children of ``pid``, started by any of its threads (from /proc)."""
+    found: list[int] = []
     try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
-    return [int(x) for x in text.split()]
+        return found
+    for task in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+        except OSError:
+            continue
+        found.extend(int(x) for x in text.split())
+    return found
 
 
 def write_plugin(folder: Path, name: str, text: str, mode: int = 0o755) -> Path:

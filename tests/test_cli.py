@@ -283,9 +283,7 @@ def _cannot_run_setup(kind: str, plugin_dir: Path, tmp_path: Path) -> tuple[list
 @pytest.mark.parametrize("kind", [
     "unknown-interpreter",
     "unreadable",
-    pytest.param("exec-error", marks=pytest.mark.xfail(
-        reason="core bug: an exec failure is logged twice (ERROR cannot start + WARNING could "
-               "not start)", strict=False)),
+    "exec-error",
 ])
 def test_a_plugin_that_cannot_run_is_one_line_and_the_others_run(
         kind: str, plugin_dir: Path, tmp_path: Path) -> None:

@@ -161,8 +161,6 @@ def test_bad_status_address_is_a_usage_error(
     assert not [p for p in read_pids(marker) if alive(p)]
 
 
-@pytest.mark.xfail(reason="core bug: cli.cmd_run parses/binds --status-addr only after "
-                          "launch_plugins, so plugins start and are killed", strict=False)
 def test_bad_status_address_starts_no_plugin(plugin_dir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     write_plugin(plugin_dir, "all_x.sh", f"#!/bin/sh\necho $$ >> {marker}\nexec sleep 30\n")
@@ -173,8 +171,6 @@ def test_bad_status_address_starts_no_plugin(plugin_dir: Path, tmp_path: Path) -
     assert not marker.exists(), "a usage error is reported before any plugin starts"
 
 
-@pytest.mark.xfail(reason="core bug: the --status-addr error says '--status-addr: "
-                          "--status-addr:' (prefix added twice)", strict=False)
 def test_bad_status_address_message_names_the_flag_once(plugin_dir: Path) -> None:
     result = subprocess.run([*CLI, "run", "--role", "worker", "--plugin-location",
                              str(plugin_dir), "--status-addr", "127.0.0.1:70000"],

@@ -400,8 +400,6 @@ def test_cli_run_exit_code_reflects_how_plugins_ended(
         assert pids and not any(alive(p) for p in pids)
 
 
-@pytest.mark.xfail(reason="core bug: cli._plain_exit_code ignores state failed when the "
-                          "last run exited 0 (restart: always past max_restarts)", strict=False)
 def test_cli_run_exits_1_when_always_plugin_ends_failed_after_clean_exits(
     plugin_dir: Path, tmp_path: Path,
 ) -> None:

@@ -23,6 +23,7 @@ from .config import ConfigError, LauncherConfig, load_config
 from .identity import IdentityError, detect_worker_identity
 from .launcher import PluginLauncher, check_role
 from .output import StreamSink
+from .process import State
 
 log = logging.getLogger("plugin_launcher.cli")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -186,16 +187,19 @@ def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
     selector.register(notify_r, selectors.EVENT_READ, "notify")
     server = None
     child: subprocess.Popen[bytes] | None = None
+    if args.status_addr:  # before any plugin starts: a bad address is a usage error
+        from .status_server import parse_address, serve_status
+
+        try:
+            host, port = parse_address(args.status_addr)
+            server = serve_status(launcher.status, host, port)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        except OSError as exc:
+            raise UsageError(f"--status-addr: {exc.strerror or exc}") from None
     try:
         launcher.launch_plugins()
-        if args.status_addr:
-            from .status_server import parse_address, serve_status
-
-            try:
-                host, port = parse_address(args.status_addr)
-                server = serve_status(launcher.status, host, port)
-            except (ValueError, OSError) as exc:
-                raise UsageError(f"--status-addr: {exc}") from None
+        if server is not None:  # logged once plugins (and any watch) are in place
             bound = server.server_address
             log.info("serving status on http://%s:%d/status and /metrics", bound[0], bound[1])
         if command:
@@ -247,7 +251,8 @@ def _describe(code: int) -> str:
 
 
 def _plain_exit_code(launcher: PluginLauncher) -> int:
-    return 1 if any(p.last_failure for p in launcher.plugins) else 0
+    failed = any(p.last_failure or p.state == State.FAILED for p in launcher.plugins)
+    return 1 if failed else 0
 
 
 def _drain(fd: int) -> bytes:

@@ -192,6 +192,7 @@ class PluginLauncher:
             if not supervisor.wait_until(supervisor.quiet, grace + STOP_MARGIN):
                 log.error("plugins still running %.0fs after SIGKILL: %s", STOP_MARGIN, ", ".join(
                     p.name for p in supervisor.procs.values() if p.state in ACTIVE_STATES))
+                supervisor.kill_all()  # from this thread, in case the loop itself is stuck
         supervisor.close()
         self._close_watcher()
         self._last_plugins = list(supervisor.procs.values())

@@ -207,6 +207,14 @@ class Supervisor:
             p.state not in ACTIVE_STATES for p in self.procs.values()
         )
 
+    def kill_all(self) -> None:
+        """Last resort (stop_plugins gave up waiting): SIGKILL every known group now."""
+        for pgid in list(self._lingering):
+            signal_group(pgid, signal.SIGKILL)
+        for proc in self.procs.values():
+            if proc.run is not None and proc.state in ACTIVE_STATES:
+                signal_group(proc.run.pgid, signal.SIGKILL)
+
     def status(self) -> list[dict[str, Any]]:
         return [p.status() for p in self.procs.values()]
 
@@ -281,7 +289,6 @@ class Supervisor:
             run = spawn(decision, self.environment(decision))
         except (OSError, subprocess.SubprocessError) as exc:
             proc.error = f"cannot start {decision.command[0]}: {exc}"
-            log.error("plugin %s: %s", proc.name, proc.error)
             proc.run = None
             self._finish(proc, failure=True)
             return
@@ -447,7 +454,7 @@ class Supervisor:
                 what += f" (stopped by limit {run.limit_hit})"
             stop_requested = run.stop_requested
         else:
-            what = "could not start"
+            what = f"could not start ({proc.error})"
             stop_requested = False
         failure = bool(failure)
         proc.last_failure = failure
@@ -464,6 +471,8 @@ class Supervisor:
         outcome = after_exit(options.restart, options.max_restarts, proc.restarts, failure,
                              stop_requested)
         level = logging.WARNING if failure and not stop_requested else logging.INFO
+        if run is None:
+            level = logging.ERROR
         if outcome.state == State.BACKOFF:
             delay = backoff_delay(options.backoff_initial, options.backoff_max,
                                   proc.backoff_step, self.rng)
@@ -498,6 +507,17 @@ class Supervisor:
             self._after(GROUP_CHECK, self._check_groups)
 
     def _check_groups(self) -> None:
+        self._group_timer = False  # re-armed below even if something here raises
+        try:
+            self._end_groups()
+        finally:
+            if self._lingering or any(
+                p.run is not None and p.run.returncode is not None and p.run.open_fds
+                and p.state in ACTIVE_STATES for p in self.procs.values()
+            ):
+                self._ensure_group_timer()
+
+    def _end_groups(self) -> None:
         now = self.clock()
         alive = live_groups(list(self._lingering))
         for pgid, entry in list(self._lingering.items()):
@@ -518,10 +538,4 @@ class Supervisor:
             run = proc.run
             if run is not None and run.returncode is not None and run.open_fds:
                 self._maybe_complete(proc, run)
-        self._group_timer = False
-        if self._lingering or any(
-            p.run is not None and p.run.returncode is not None and p.run.open_fds
-            and p.state in ACTIVE_STATES for p in self.procs.values()
-        ):
-            self._ensure_group_timer()
 
