@@ -57,7 +57,10 @@ def _walk(location: str, warnings: list[str]) -> list[PluginFile]:
                 if entry.name not in SKIPPED_FOLDERS:
                     subfolders.append((entry.path, rel))
             elif _is_candidate(entry.name):
-                found.append(PluginFile(rel, entry.path, location))
+                # Regular files only (a FIFO would block the first-line read); a broken link is
+                # kept so that its refusal names it.
+                if entry.is_file() or not os.path.exists(entry.path):
+                    found.append(PluginFile(rel, entry.path, location))
         pending.extend(reversed(subfolders))  # visit in path order: the first path wins a tie
     return found
 
@@ -74,6 +77,8 @@ def discover(locations: list[str]) -> tuple[list[PluginFile], list[str]]:
             continue
         if stat.S_ISDIR(st.st_mode):
             files.extend(_walk(location, warnings))
+        elif not stat.S_ISREG(st.st_mode):
+            warnings.append(f"{location}: plugin location is neither a folder nor a file")
         else:
             files.append(PluginFile(os.path.basename(location), location, location))
     files.sort(key=lambda f: f.path)

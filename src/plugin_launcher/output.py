@@ -16,6 +16,11 @@ LINE_LIMIT = 64 * 1024
 OUTPUT_LOGGER = logging.getLogger("plugin_launcher")
 
 
+def display_name(name: str) -> str:
+    """A plugin name safe to print: bytes of a non-UTF-8 file name become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class LineSplitter:
     """Bytes in, blocks of whole lines out (each block ends with a newline)."""
 
@@ -61,8 +66,9 @@ class LoggingSink:
         if not self.logger.isEnabledFor(self.level):
             return
         extra = {"plugin": name, "stream": stream}
+        shown = display_name(name)
         for line in block.decode("utf-8", "replace").split("\n")[:-1]:
-            self.logger.log(self.level, "[%s] %s", name, line, extra=extra)
+            self.logger.log(self.level, "[%s] %s", shown, line, extra=extra)
 
 
 class StreamSink:
@@ -75,7 +81,7 @@ class StreamSink:
     def write(self, name: str, stream: str, block: bytes) -> None:
         prefix = self._prefixes.get(name)
         if prefix is None:
-            head = f"[{name}] ".encode()
+            head = f"[{display_name(name)}] ".encode()
             prefix = self._prefixes[name] = (head, b"\n" + head)
         if not block.isascii():  # ASCII is valid UTF-8: skip the round trip on the hot path
             block = block.decode("utf-8", "replace").encode("utf-8")
