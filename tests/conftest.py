@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import ProcessTracker, safe_dir  # noqa: E402
+from helpers import LogRecorder, ProcessTracker, safe_dir  # noqa: E402
 
 from plugin_launcher import PluginLauncher  # noqa: E402
 
@@ -35,3 +36,16 @@ def launchers() -> Iterator[list[PluginLauncher]]:
     yield made
     for launcher in made:
         launcher.stop_plugins(timeout=1.0)
+
+
+@pytest.fixture
+def logs() -> Iterator[LogRecorder]:
+    """Records every message of the ``plugin_launcher`` loggers at INFO and above."""
+    logger = logging.getLogger("plugin_launcher")
+    recorder = LogRecorder()
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(recorder)
+    yield recorder
+    logger.removeHandler(recorder)
+    logger.setLevel(old_level)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,3 +120,35 @@ def safe_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     return path
+
+
+class LogRecorder(logging.Handler):
+    """Every message of the ``plugin_launcher`` loggers (plugin output and the launcher's own)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._guard:
+            self.messages.append(record.getMessage())
+
+    def lines(self) -> list[str]:
+        with self._guard:
+            return list(self.messages)
+
+    def having(self, *parts: str) -> list[str]:
+        return [m for m in self.lines() if all(p in m for p in parts)]
+
+    def count(self, message: str) -> int:
+        return sum(1 for m in self.lines() if m == message)
+
+    def output(self, name: str) -> list[str]:
+        prefix = f"[{name}] "
+        return [m[len(prefix):] for m in self.lines() if m.startswith(prefix)]
+
+    def started_pids(self, name: str) -> list[int]:
+        """PIDs from the supervisor's "started plugin NAME (pid N)" lines, in order."""
+        pattern = re.compile(rf"^started plugin {re.escape(name)} \(pid (\d+)\)")
+        return [int(m.group(1)) for m in map(pattern.match, self.lines()) if m]

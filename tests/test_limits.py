@@ -7,13 +7,10 @@ line naming the limit, and in what the restart policy does about it.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import resource
 import subprocess
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,44 +25,6 @@ DEADLINE = 10.0  # only reached when something is wrong
 MIB = 1 << 20
 
 
-class Recorder(logging.Handler):
-    """Every message of the ``plugin_launcher`` loggers (output and the launcher's own)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-        self._guard = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._guard:
-            self.messages.append(record.getMessage())
-
-    def lines(self) -> list[str]:
-        with self._guard:
-            return list(self.messages)
-
-    def having(self, *parts: str) -> list[str]:
-        return [m for m in self.lines() if all(p in m for p in parts)]
-
-    def output(self, name: str) -> list[str]:
-        prefix = f"[{name}] "
-        return [m[len(prefix):] for m in self.lines() if m.startswith(prefix)]
-
-    def started_pids(self, name: str) -> list[int]:
-        pattern = re.compile(rf"^started plugin {re.escape(name)} \(pid (\d+)\)")
-        return [int(m.group(1)) for m in map(pattern.match, self.lines()) if m]
-
-
-@pytest.fixture
-def logs() -> Iterator[Recorder]:
-    logger = logging.getLogger("plugin_launcher")
-    recorder = Recorder()
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(recorder)
-    yield recorder
-    logger.removeHandler(recorder)
-    logger.setLevel(old_level)
 
 
 def make_config(plugin_dir: Path, options: dict[str, Any]) -> dict[str, Any]:

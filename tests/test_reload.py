@@ -8,7 +8,6 @@ plugins run (by PID), the one log line per change, and ``status()``.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -16,7 +15,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,45 +47,6 @@ def age(path: Path, seconds: float = 10.0) -> None:
     os.utime(path, (past, past))
 
 
-class Recorder(logging.Handler):
-    """Every message of the ``plugin_launcher`` loggers (output and the launcher's own)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-        self._lock2 = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._lock2:
-            self.messages.append(record.getMessage())
-
-    def lines(self) -> list[str]:
-        with self._lock2:
-            return list(self.messages)
-
-    def count(self, message: str) -> int:
-        return sum(1 for m in self.lines() if m == message)
-
-    def output(self, name: str) -> list[str]:
-        prefix = f"[{name}] "
-        return [m[len(prefix):] for m in self.lines() if m.startswith(prefix)]
-
-    def started_pids(self, name: str) -> list[int]:
-        """PIDs from the supervisor's "started plugin NAME (pid N)" lines, in order."""
-        pattern = re.compile(rf"^started plugin {re.escape(name)} \(pid (\d+)\)")
-        return [int(m.group(1)) for m in map(pattern.match, self.lines()) if m]
-
-
-@pytest.fixture
-def logs() -> Iterator[Recorder]:
-    logger = logging.getLogger("plugin_launcher")
-    recorder = Recorder()
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(recorder)
-    yield recorder
-    logger.removeHandler(recorder)
-    logger.setLevel(old_level)
 
 
 def status_of(launcher: PluginLauncher, name: str) -> dict[str, Any] | None:
