@@ -152,3 +152,26 @@ class LogRecorder(logging.Handler):
         """PIDs from the supervisor's "started plugin NAME (pid N)" lines, in order."""
         pattern = re.compile(rf"^started plugin {re.escape(name)} \(pid (\d+)\)")
         return [int(m.group(1)) for m in map(pattern.match, self.lines()) if m]
+
+
+# Plugins that record "<own pid> <grandchild pid>" to $PID_DIR/<name>.pids, then keep running.
+BASH_WITH_GRANDCHILD = """\
+#!/bin/bash
+sleep 1000 &
+echo "$$ $!" > "$PID_DIR/$LMCACHE_PLUGIN_NAME.tmp"
+mv "$PID_DIR/$LMCACHE_PLUGIN_NAME.tmp" "$PID_DIR/$LMCACHE_PLUGIN_NAME.pids"
+wait
+"""
+
+# A Python plugin that ignores SIGTERM, and so does its grandchild (SIG_IGN survives exec).
+PYTHON_IGNORES_TERM = """\
+import os, signal, subprocess, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen(["sleep", "1000"])
+path = os.path.join(os.environ["PID_DIR"], os.environ["LMCACHE_PLUGIN_NAME"])
+with open(path + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {child.pid}\\n")
+os.rename(path + ".tmp", path + ".pids")
+while True:
+    time.sleep(1)
+"""

@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CLI, PYTHON, alive, read_pids, safe_dir, wait_for, write_plugin
+from helpers import (
+    BASH_WITH_GRANDCHILD,
+    CLI,
+    PYTHON,
+    PYTHON_IGNORES_TERM,
+    alive,
+    read_pids,
+    safe_dir,
+    wait_for,
+    write_plugin,
+)
 
 STOP = 1.0
 GRACE = 2.0
@@ -154,33 +164,13 @@ def test_run_exits_1_when_a_plugin_fails(doc_plugins: Path) -> None:
     assert "exited with code 7" in result.stderr
 
 
-GRANDCHILD = """\
-#!/bin/bash
-sleep 1000 &
-echo "$$ $!" > "$PID_DIR/$LMCACHE_PLUGIN_NAME.tmp"
-mv "$PID_DIR/$LMCACHE_PLUGIN_NAME.tmp" "$PID_DIR/$LMCACHE_PLUGIN_NAME.pids"
-echo running
-wait
-"""
-
-IGNORES_TERM = """\
-import os, signal, subprocess, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-child = subprocess.Popen(["sleep", "1000"])
-path = os.path.join(os.environ["PID_DIR"], os.environ["LMCACHE_PLUGIN_NAME"])
-with open(path + ".tmp", "w") as f:
-    f.write(f"{os.getpid()} {child.pid}\\n")
-os.rename(path + ".tmp", path + ".pids")
-while True:
-    time.sleep(1)
-"""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_run_stops_every_plugin_on_a_signal_and_exits_0(sig: signal.Signals, plugin_dir: Path,
                                                          tmp_path: Path, tracker: Any) -> None:
-    write_plugin(plugin_dir, "worker_grandchild.sh", GRANDCHILD)
-    write_plugin(plugin_dir, "all_ignores_term.py", IGNORES_TERM)
+    write_plugin(plugin_dir, "worker_grandchild.sh", BASH_WITH_GRANDCHILD)
+    write_plugin(plugin_dir, "all_ignores_term.py", PYTHON_IGNORES_TERM)
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     proc = tracker.popen(

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PYTHON, alive, read_pids, wait_for, write_plugin
+from helpers import (
+    BASH_WITH_GRANDCHILD,
+    PYTHON,
+    PYTHON_IGNORES_TERM,
+    alive,
+    read_pids,
+    wait_for,
+    write_plugin,
+)
 
 from plugin_launcher import PluginLauncher
 
@@ -24,26 +32,6 @@ STOP = 1.0  # the stop timeout used by these tests (seconds between SIGTERM and 
 GRACE = 2.0  # the issue's bound: nothing survives this long past the stop timeout
 
 # A bash plugin with a grandchild: records "$$ $!" then waits (default SIGTERM handling).
-BASH_WITH_GRANDCHILD = """\
-#!/bin/bash
-sleep 1000 &
-echo "$$ $!" > "$PID_DIR/$LMCACHE_PLUGIN_NAME.tmp"
-mv "$PID_DIR/$LMCACHE_PLUGIN_NAME.tmp" "$PID_DIR/$LMCACHE_PLUGIN_NAME.pids"
-wait
-"""
-
-# A Python plugin that ignores SIGTERM, and so does its grandchild (SIG_IGN survives exec).
-PYTHON_IGNORES_TERM = """\
-import os, signal, subprocess, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-child = subprocess.Popen(["sleep", "1000"])
-path = os.path.join(os.environ["PID_DIR"], os.environ["LMCACHE_PLUGIN_NAME"])
-with open(path + ".tmp", "w") as f:
-    f.write(f"{os.getpid()} {child.pid}\\n")
-os.rename(path + ".tmp", path + ".pids")
-while True:
-    time.sleep(1)
-"""
 
 # The host: owns a launcher, says "ready" once every plugin reported its PIDs, then waits for a
 # line on stdin (or a signal) and ends the way argv[4] says.
