@@ -175,3 +175,30 @@ os.rename(path + ".tmp", path + ".pids")
 while True:
     time.sleep(1)
 """
+
+
+def status_of(launcher: Any, name: str) -> dict[str, Any] | None:
+    """The ``status()`` entry of plugin ``name``, or None."""
+    return next((e for e in launcher.status() if e["name"] == name), None)
+
+
+def running_pid(launcher: Any, name: str) -> int | None:
+    """The PID of plugin ``name`` if it is running (and alive), else None."""
+    entry = status_of(launcher, name)
+    if entry is not None and entry["state"] == "running" and entry["pid"] and alive(entry["pid"]):
+        return int(entry["pid"])
+    return None
+
+
+def start(launcher: Any, launchers: list[Any]) -> Any:
+    """Launch, registering the launcher for teardown first (see the ``launchers`` fixture)."""
+    launchers.append(launcher)
+    launcher.launch_plugins()
+    return launcher
+
+
+def wait_running(launcher: Any, name: str, tracker: ProcessTracker, timeout: float = 10.0) -> int:
+    """Wait until plugin ``name`` runs; record its PID for cleanup; return it."""
+    pid = wait_for(lambda: running_pid(launcher, name), timeout, message=f"{name} to run")
+    tracker.add(pid)
+    return int(pid)

@@ -16,7 +16,17 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import CLI, PYTHON, alive, wait_for, wait_gone, write_plugin
+from helpers import (
+    CLI,
+    PYTHON,
+    running_pid,
+    start,
+    status_of,
+    wait_for,
+    wait_gone,
+    wait_running,
+    write_plugin,
+)
 
 from plugin_launcher import ConfigError, PluginLauncher
 
@@ -33,27 +43,12 @@ def make_config(plugin_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
             "plugin_options": {"default": default, **options}}
 
 
-def status_of(launcher: PluginLauncher, name: str) -> dict[str, Any]:
-    return next(e for e in launcher.status() if e["name"] == name)
 
 
-def running_pid(launcher: PluginLauncher, name: str) -> int | None:
-    entry = status_of(launcher, name)
-    if entry["state"] == "running" and entry["pid"] and alive(entry["pid"]):
-        return int(entry["pid"])
-    return None
 
 
-def start(launcher: PluginLauncher, launchers: list[PluginLauncher]) -> PluginLauncher:
-    launchers.append(launcher)
-    launcher.launch_plugins()
-    return launcher
 
 
-def wait_running(launcher: PluginLauncher, name: str, tracker: Any) -> int:
-    pid = wait_for(lambda: running_pid(launcher, name), DEADLINE, message=f"{name} to run")
-    tracker.add(pid)
-    return int(pid)
 
 
 def proc_nice(pid: int) -> int:

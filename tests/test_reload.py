@@ -19,7 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CLI, PYTHON, alive, wait_for, wait_gone, write_plugin
+from helpers import (
+    CLI,
+    PYTHON,
+    alive,
+    running_pid,
+    start,
+    status_of,
+    wait_for,
+    wait_gone,
+    wait_running,
+    write_plugin,
+)
 
 from plugin_launcher import PluginLauncher
 
@@ -49,31 +60,12 @@ def age(path: Path, seconds: float = 10.0) -> None:
 
 
 
-def status_of(launcher: PluginLauncher, name: str) -> dict[str, Any] | None:
-    for entry in launcher.status():
-        if entry["name"] == name:
-            return entry
-    return None
 
 
-def running_pid(launcher: PluginLauncher, name: str) -> int | None:
-    entry = status_of(launcher, name)
-    if entry is not None and entry["state"] == "running" and entry["pid"] and alive(entry["pid"]):
-        return int(entry["pid"])
-    return None
 
 
-def start(launcher: PluginLauncher, launchers: list[PluginLauncher]) -> PluginLauncher:
-    launchers.append(launcher)
-    launcher.launch_plugins()
-    return launcher
 
 
-def wait_running(launcher: PluginLauncher, name: str, tracker: Any,
-                 timeout: float = DEADLINE) -> int:
-    pid = wait_for(lambda: running_pid(launcher, name), timeout, message=f"{name} to run")
-    tracker.add(pid)
-    return int(pid)
 
 
 # ------------------------------------------------------------------------------------- API
