@@ -65,20 +65,19 @@ def launcher_args(plugin_dir: Path) -> list[str]:
             "--worker-count", "auto", "--plugin-location", str(plugin_dir), "--stop-timeout", "1"]
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None,
-                    reason="mpirun not installed (Debian: apt-get install openmpi-bin)")
-def test_open_mpi_ranks_run_their_own_plugins(plugin_dir: Path, tmp_path: Path) -> None:
+def run_under_engine(engine: list[str], rank_variable: str, plugin_dir: Path,
+                     tmp_path: Path) -> None:
+    """Run WORKERS launchers under a real engine and check each rank ran exactly its plugins."""
     recording_plugins(plugin_dir)
     out = tmp_path / "records"
     # the plugins see the launcher's environment; ENGINE_RANK names the engine's own variable
     wrapper = tmp_path / "rank.sh"
-    wrapper.write_text('#!/bin/sh\nENGINE_RANK=$OMPI_COMM_WORLD_RANK exec "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nENGINE_RANK=${rank_variable} exec "$@"\n')
     wrapper.chmod(0o755)
-    env = clean_env(IDENTITY_OUT=str(out))
     result = subprocess.run(
-        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(WORKERS),
-         str(wrapper), PYTHON, *launcher_args(plugin_dir)],
-        capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL,
+        [*engine, str(wrapper), PYTHON, *launcher_args(plugin_dir)],
+        capture_output=True, text=True, timeout=120, env=clean_env(IDENTITY_OUT=str(out)),
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr
     check_records(out)
@@ -86,23 +85,19 @@ def test_open_mpi_ranks_run_their_own_plugins(plugin_dir: Path, tmp_path: Path) 
     assert result.stderr.count("started plugin") == WORKERS + 1
 
 
+@pytest.mark.skipif(shutil.which("mpirun") is None,
+                    reason="mpirun not installed (Debian: apt-get install openmpi-bin)")
+def test_open_mpi_ranks_run_their_own_plugins(plugin_dir: Path, tmp_path: Path) -> None:
+    engine = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(WORKERS)]
+    run_under_engine(engine, "OMPI_COMM_WORLD_RANK", plugin_dir, tmp_path)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                     reason="torch is not installed (too large for CI); torchrun test skipped")
 def test_torchrun_ranks_run_their_own_plugins(plugin_dir: Path, tmp_path: Path) -> None:
-    recording_plugins(plugin_dir)
-    out = tmp_path / "records"
-    wrapper = tmp_path / "rank.sh"
-    wrapper.write_text('#!/bin/sh\nENGINE_RANK=$RANK exec "$@"\n')
-    wrapper.chmod(0o755)
-    env = clean_env(IDENTITY_OUT=str(out))
-    result = subprocess.run(
-        [PYTHON, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={WORKERS}", "--no-python",
-         str(wrapper), PYTHON, *launcher_args(plugin_dir)],
-        capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr
-    check_records(out)
+    engine = [PYTHON, "-m", "torch.distributed.run", "--standalone",
+              f"--nproc_per_node={WORKERS}", "--no-python"]
+    run_under_engine(engine, "RANK", plugin_dir, tmp_path)
 
 
 # ------------------------------------------------------------------------ hand-set variables
