@@ -128,14 +128,14 @@ BAD = [
     ({"max_restarts": 1.5}, "max_restarts", "expected an integer, got 1.5"),
     ({"max_restarts": "3"}, "max_restarts", "expected an integer, got '3'"),
     ({"max_restarts": True}, "max_restarts", "expected an integer, got True"),
-    ({"stop_timeout": -1}, "stop_timeout", "must be >= 0, got -1"),
+    ({"stop_timeout": -1}, "stop_timeout", "must be between 0 and 3600 seconds (1 hour), got -1"),
     ({"stop_timeout": "5"}, "stop_timeout", "expected a number, got '5'"),
     ({"stop_timeout": None}, "stop_timeout", "expected a number, got None"),
-    ({"stop_timeout": float("inf")}, "stop_timeout", "expected a number, got inf"),
-    ({"stop_timeout": float("nan")}, "stop_timeout", "expected a number, got nan"),
+    ({"stop_timeout": float("inf")}, "stop_timeout", "must be between 0 and 3600 seconds (1 hour), got inf"),
+    ({"stop_timeout": float("nan")}, "stop_timeout", "must be between 0 and 3600 seconds (1 hour), got nan"),
     ({"stop_timeout": False}, "stop_timeout", "expected a number, got False"),
     ({"timeout": 0}, "timeout", "must be positive or null, got 0"),
-    ({"timeout": -3}, "timeout", "must be >= 0, got -3"),
+    ({"timeout": -3}, "timeout", "must be between 0 and 2592000 seconds (30 days), got -3"),
     ({"timeout": "1h"}, "timeout", "expected a number, got '1h'"),
     ({"nice": 20}, "nice", "must be between -20 and 19, got 20"),
     ({"nice": -21}, "nice", "must be between -20 and 19, got -21"),
@@ -144,18 +144,19 @@ BAD = [
     ({"memory_max": 0}, "memory_max", "must be positive, got 0"),
     ({"open_files_max": 0}, "open_files_max", "must be >= 1, got 0"),
     ({"open_files_max": "many"}, "open_files_max", "expected an integer, got 'many'"),
-    ({"cpu_time_max": 0}, "cpu_time_max", "must be >= 1, got 0"),
+    ({"cpu_time_max": 0}, "cpu_time_max", "must be between 1 and 315360000, got 0"),
     ({"cpu_time_max": 1.5}, "cpu_time_max", "expected an integer, got 1.5"),
     ({"backoff": 5}, "backoff", "expected a mapping of initial/max/reset, got 5"),
-    ({"backoff": {"initial": -1}}, "backoff.initial", "must be >= 0, got -1"),
+    ({"backoff": {"initial": -1}}, "backoff.initial",
+     "must be between 0.05 and 2592000 seconds (30 days), got -1"),
     ({"backoff": {"max": "x"}}, "backoff.max", "expected a number, got 'x'"),
     ({"backoff": {"reset": None}}, "backoff.reset", "expected a number, got None"),
     ({"backoff": {"jitter": 1}}, "backoff.jitter", "unknown option (known: initial, max, reset)"),
     ({"backoff": {"initial": 10, "max": 5}}, "backoff.max", "must be >= backoff.initial"),
     ({"backoff": {"initial": 120}}, "backoff.max", "must be >= backoff.initial"),
 ]
-KNOWN = ("backoff, cpu_time_max, max_restarts, memory_max, nice, open_files_max, restart, "
-         "stop_timeout, timeout")
+KNOWN = ("backoff, cpu_time_max, log_backups, log_file, log_max_bytes, max_restarts, "
+         "memory_max, nice, open_files_max, restart, stop_timeout, timeout")
 BAD += [
     ({"restrat": "always"}, "restrat", f"unknown option (known: {KNOWN})"),
     ({"backoff_initial": 1}, "backoff_initial", f"unknown option (known: {KNOWN})"),
@@ -208,7 +209,7 @@ def test_bad_sections(raw: Any, message: str) -> None:
     ({"cpu_time_max": 1}, "cpu_time_max", 1),
     ({"memory_max": 1}, "memory_max", 1),
     ({"backoff": {}}, "backoff_initial", 1.0),
-    ({"backoff": {"initial": 0, "max": 0}}, "backoff_max", 0.0),
+    ({"backoff": {"initial": 0.05, "max": 0.05}}, "backoff_max", 0.05),
 ])
 def test_boundary_values_are_accepted(entry: dict[str, Any], field: str, value: Any) -> None:
     assert getattr(parse_options({"default": entry}).default, field) == value

@@ -51,7 +51,7 @@ HOST = textwrap.dedent("""
         '''Counts lines per plugin; checks that flooded lines arrive once and in order.'''
         def __init__(self):
             self.counts, self.last, self.disorder = {}, {}, {}
-        def write(self, name, stream, block):
+        def write(self, name, stream, block, pid=None):
             lines = block.split(b"\\n")[:-1]
             self.counts[name] = self.counts.get(name, 0) + len(lines)
             if name.startswith("all_flood"):
@@ -69,7 +69,7 @@ HOST = textwrap.dedent("""
         "restart": "on-failure", "max_restarts": 0, "backoff": {"initial": 0.1, "max": 1},
         "stop_timeout": 1}}}
     sink = CountingSink()
-    launcher = PluginLauncher(config, "worker", 0, 1, sink=sink)
+    launcher = PluginLauncher(config, "worker", worker_id=0, worker_count=1, sink=sink)
     seen = set()
 
     def reply(value):

@@ -15,18 +15,31 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, NoReturn
 
+from .advice import config_key_warnings, role_advice
 from .config import ConfigError, LauncherConfig, load_config
-from .identity import IdentityError, detect_worker_identity
+from .control import ControlError, add_ctl_parser, cmd_ctl, serve_control
+from .identity import (
+    AUTO,
+    DEFAULT_WORKER_COUNT,
+    DEFAULT_WORKER_ID,
+    IdentityError,
+    resolve_identity,
+)
 from .launcher import PluginLauncher, check_role
-from .output import StreamSink
+from .logs import JsonFormatter, JsonSink
+from .options import OptionError, check_stop_timeout
+from .output import StreamSink, safe_logger, safe_name
+from .plan import Plan
 from .process import State
 
-log = logging.getLogger("plugin_launcher.cli")
+log = safe_logger("plugin_launcher.cli")  # names and paths escaped
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PROGRESS_EVERY = 1.0  # seconds between "waiting for plugin" lines while stopping
 
 
 class UsageError(Exception):
@@ -35,6 +48,8 @@ class UsageError(Exception):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        if "required: action" in message:  # argparse's wording for a missing sub-command
+            message = "missing action: run or list (see plugin-launcher --help)"
         raise UsageError(message)
 
 
@@ -44,19 +59,72 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin-location", metavar="PATH", action="append", default=[],
                         help="folder or file to search, added to the configured ones")
     parser.add_argument("--role", required=True, help="role of this process (e.g. scheduler)")
-    parser.add_argument("--worker-id", default="0", metavar="N|auto",
-                        help="worker ID (default 0; auto: from torchrun/Slurm/MPI/PMI/k8s)")
-    parser.add_argument("--worker-count", default="1", metavar="N|auto",
-                        help="number of workers (default 1; auto: from the cluster launcher)")
+    parser.add_argument("--worker-id", default=str(DEFAULT_WORKER_ID), metavar="N|none|auto",
+                        help=f"worker ID (default {DEFAULT_WORKER_ID}; none or -1: no worker, as "
+                        "LMCache's scheduler; auto: from torchrun/Slurm/MPI/PMI/k8s)")
+    parser.add_argument("--worker-count", default=str(DEFAULT_WORKER_COUNT), metavar="N|auto",
+                        help=f"number of workers (default {DEFAULT_WORKER_COUNT}; auto: from the "
+                        "cluster launcher)")
     parser.add_argument("--allow-insecure", action="store_true",
                         help="run plugins writable by others (warn instead of refusing)")
 
 
+DESCRIPTION = """\
+Run plugins (scripts) as supervised side processes next to a server, selected by their file
+names for this process's role and worker ID."""
+EXAMPLES = """\
+examples:
+  plugin-launcher list --role scheduler --config lmcache.yaml
+  plugin-launcher run --role worker --worker-id 0 --worker-count 2 --config lmcache.yaml
+  plugin-launcher run --role scheduler --config lmcache.yaml -- vllm serve MODEL
+
+Run 'plugin-launcher run --help' or 'plugin-launcher list --help' for each action's options."""
+RUN_DESCRIPTION = """\
+Start the plugins selected for this role and worker; print their lines as '[name] text' on
+stdout and the launcher's own messages on stderr. Ctrl-C (SIGINT) or SIGTERM stops them all;
+a second one kills what is left at once. With '-- COMMAND', run COMMAND beside the plugins and
+exit with its status."""
+RUN_EXAMPLES = """\
+examples:
+  plugin-launcher run --role scheduler --config lmcache.yaml
+  plugin-launcher run --role worker --worker-id auto --worker-count auto --config lmcache.yaml
+  plugin-launcher run --role scheduler --plugin-location ./plugins -- python serve.py
+
+exit status: 0 stopped by a signal or every plugin ended well; 1 a plugin failed, or nothing
+can run (no COMMAND); 2 bad arguments or configuration; with COMMAND: COMMAND's status."""
+LIST_DESCRIPTION = """\
+Show every plugin file found, whether it runs for this role and worker ('run', 'skip' or
+'error'), why, and the command line it would run."""
+LIST_EXAMPLES = """\
+examples:
+  plugin-launcher list --role worker --worker-id 1 --config lmcache.yaml
+  plugin-launcher list --role scheduler --plugin-location ./plugins --all
+  plugin-launcher list --role worker --config lmcache.yaml --json
+
+exit status: 0 something would run; 1 nothing would; 2 bad arguments or configuration."""
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own (a source checkout)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("plugin-launcher")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> Parser:
-    parser = Parser(prog="plugin-launcher", description=__doc__.splitlines()[0])
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = Parser(prog="plugin-launcher", description=DESCRIPTION, epilog=EXAMPLES,
+                    formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"plugin-launcher {version()}")
     sub = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run the selected plugins (optionally beside a command)",
-                         usage="%(prog)s [options] --role ROLE [-- COMMAND [ARG]...]")
+                         usage="%(prog)s [options] --role ROLE [-- COMMAND [ARG]...]",
+                         description=RUN_DESCRIPTION, epilog=RUN_EXAMPLES, formatter_class=raw)
     _add_common(run)
     run.add_argument("--stop-timeout", type=float, metavar="SECONDS",
                      help="seconds between SIGTERM and SIGKILL (overrides the default option)")
@@ -64,36 +132,46 @@ def build_parser() -> Parser:
                      help="serve GET /status and /metrics here (host defaults to 127.0.0.1)")
     run.add_argument("--watch", action="store_true",
                      help="follow the plugin folders: start, stop and restart plugins live")
-    listing = sub.add_parser("list", help="show every plugin found and whether it runs here")
+    run.add_argument("--control", nargs="?", const="auto", metavar="PATH",
+                     help="serve `plugin-launcher ctl` on this Unix socket (mode 0600; no PATH "
+                     "or 'auto': $XDG_RUNTIME_DIR/plugin-launcher/<role>-<worker>.sock)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text: [name] line; json: one object per line (time, plugin, stream, "
+                     "pid, line), the launcher's own messages too")
+    run.add_argument("--timestamps", action="store_true",
+                     help="text format: ISO-8601 UTC time before each plugin line")
+    listing = sub.add_parser("list", help="show every plugin found and whether it runs here",
+                             description=LIST_DESCRIPTION, epilog=LIST_EXAMPLES,
+                             formatter_class=raw)
     _add_common(listing)
     listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.add_argument("--all", action="store_true",
+                         help="also show the files the search ignores, and why")
+    add_ctl_parser(sub, Parser)
     return parser
 
 
-def _count(value: str, flag: str, minimum: int) -> int | None:
-    if value == "auto":
+def _count(value: str, flag: str, minimum: int) -> int | str | None:
+    """An integer, ``auto`` (from the cluster launcher) or, for a worker ID, ``none``/``-1``."""
+    text = value.strip().lower()
+    if text == AUTO:
+        return AUTO
+    if minimum == 0 and text in ("none", "-1"):
         return None
-    if not value.isdigit() or int(value) < minimum:
-        raise UsageError(f"{flag}: expected an integer >= {minimum} or 'auto', got {value!r}")
-    return int(value)
+    if not (text.isascii() and text.isdigit()) or len(text) > 9 or int(text) < minimum:
+        more = ", 'none' or -1" if minimum == 0 else ""
+        raise UsageError(f"{flag}: expected an integer >= {minimum}, 'auto'{more}; got {value!r}")
+    return int(text)
 
 
-def _identity(args: argparse.Namespace) -> tuple[int, int]:
-    worker_id = _count(args.worker_id, "--worker-id", 0)
-    worker_count = _count(args.worker_count, "--worker-count", 1)
-    if worker_id is None or worker_count is None:
-        try:
-            identity = detect_worker_identity()
-        except IdentityError as exc:
-            raise UsageError(str(exc)) from None
-        if worker_id is None:
-            worker_id = identity.worker_id
-        if worker_count is None:
-            if identity.worker_count is None:
-                raise UsageError(f"--worker-count auto: {identity.source} gives only the worker "
-                                 "ID (JOB_COMPLETION_INDEX); pass --worker-count N")
-            worker_count = identity.worker_count
-    if worker_id >= worker_count:
+def _identity(args: argparse.Namespace) -> tuple[int | None, int]:
+    try:
+        worker_id, worker_count = resolve_identity(_count(args.worker_id, "--worker-id", 0),
+                                                   _count(args.worker_count, "--worker-count", 1))
+    except IdentityError as exc:
+        raise UsageError(f"--worker-id/--worker-count auto: {exc}") from None
+    assert not isinstance(worker_id, str) and isinstance(worker_count, int)
+    if worker_id is not None and worker_id >= worker_count:
         log.warning("worker ID %d is not below the worker count %d", worker_id, worker_count)
     return worker_id, worker_count
 
@@ -111,11 +189,19 @@ def _config(args: argparse.Namespace) -> LauncherConfig:
         config = replace(config, watch_plugins=True)
     stop_timeout = getattr(args, "stop_timeout", None)
     if stop_timeout is not None:
-        if not stop_timeout >= 0:
-            raise UsageError(f"--stop-timeout: must be >= 0, got {stop_timeout}")
+        try:
+            stop_timeout = check_stop_timeout("--stop-timeout", stop_timeout)
+        except OptionError as exc:  # inf, nan, negative or more than an hour
+            raise UsageError(str(exc)) from None
         config = replace(config, options=config.options.with_default(stop_timeout=stop_timeout))
+    for warning in config_key_warnings(config.data, config.source):
+        log.warning("%s", warning)
     if not config.plugin_locations:
-        log.warning("no plugin location configured (use --config or --plugin-location)")
+        if args.config or config.source not in ("environment", "<dict>"):
+            log.warning("%s: no plugin location configured (add plugin_locations, or use "
+                        "--plugin-location)", config.source)
+        else:
+            log.warning("no plugin location configured (use --config or --plugin-location)")
     return config
 
 
@@ -126,7 +212,8 @@ def _make_launcher(args: argparse.Namespace, **kwargs: Any) -> PluginLauncher:
     except ValueError as exc:
         raise UsageError(f"--role: {exc}") from None
     worker_id, worker_count = _identity(args)
-    return PluginLauncher(config, role, worker_id, worker_count, **kwargs)
+    return PluginLauncher(config, role, worker_id=worker_id, worker_count=worker_count,
+                          **kwargs)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -134,22 +221,65 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     launcher = _make_launcher(args)
     plan = launcher.plan()
+    _check_role(args.role, launcher, plan)
     for warning in plan.warnings:
         log.warning("%s", warning)
+    code = 1 if _nothing_to_run(launcher, plan) else 0
+    ignored = plan.ignored if args.all else []
     if args.json:
-        print(json.dumps([d.to_json() for d in plan.decisions], indent=2))
-        return 0
-    width = max((len(d.name) for d in plan.decisions), default=4)
+        entries = [d.to_json() for d in plan.decisions]
+        entries += [{"name": f.name, "path": f.path, "selected": False, "reason": f.reason,
+                     "command": None, "error": None, "warnings": [], "ignored": True}
+                    for f in ignored]
+        print(json.dumps(entries, indent=2))
+        return code
+    shown = safe_name  # names, paths and reasons come from file names: one safe line each
+    width = max((len(shown(n)) for n in [*(d.name for d in plan.decisions),
+                                         *(f.name for f in ignored)]), default=4)
     for d in plan.decisions:
         mark = "error" if d.selected and d.error else ("run" if d.selected else "skip")
-        detail = d.error or (" ".join(d.command) if d.selected and d.command else "")
-        print(f"{mark:<5} {d.name:<{width}}  {d.reason}" + (f"  [{detail}]" if detail else ""))
+        detail = shown(d.error or (" ".join(d.command) if d.selected and d.command else ""))
+        print(f"{mark:<6} {shown(d.name):<{width}}  {shown(d.reason)}"
+              + (f"  [{detail}]" if detail else ""))
         for warning in d.warnings:
-            print(f"      {'':<{width}}  warning: {warning}")
+            print(f"       {'':<{width}}  warning: {shown(warning)}")
+    for f in ignored:
+        print(f"{'ignore':<6} {shown(f.name):<{width}}  {shown(f.reason)}")
     print(f"# role {launcher.role}, worker {launcher.worker_id} of {launcher.worker_count}; "
-          f"{len(plan.selected)} of {len(plan.decisions)} plugins selected")
+          f"{len(plan.selected)} of {len(plan.decisions)} plugins selected"
+          + (f"; {len(plan.ignored)} other files ignored (--all shows them)"
+             if plan.ignored and not args.all else ""))
     print(f"# limits: {mechanism()}")
-    return 0
+    return code
+
+
+def _check_role(given: str | None, launcher: PluginLauncher, plan: Plan) -> None:
+    """A near-miss role that no file targets is a usage error; another unknown role a warning."""
+    if given is None or launcher.role is None:
+        return
+    error, warning = role_advice(given, [d.name for d in plan.decisions])
+    if error is not None:
+        raise UsageError(error)
+    if warning is not None:
+        log.warning("%s", warning)
+
+
+def _nothing_to_run(launcher: PluginLauncher, plan: Plan) -> str | None:
+    """Why no plugin can run in this process (one line), or None if one can."""
+    if any(d.selected and d.command is not None for d in plan.decisions):
+        return None
+    where = f"role {launcher.role}, worker {launcher.worker_id}"
+    if not launcher.config.plugin_locations:
+        return "no plugin location configured"
+    if not plan.decisions:
+        return "no plugin file found in " + ", ".join(launcher.config.plugin_locations)
+    if plan.selected:
+        return f"no plugin selected for {where} can run (see the errors above)"
+    refused = [d for d in plan.decisions if d.reason.startswith("refused")]
+    if refused:
+        return (f"every plugin for {where} was refused ({len(refused)}; see the errors above, "
+                "or --allow-insecure)")
+    return f"no plugin targets {where} ({len(plan.decisions)} found; see plugin-launcher list)"
 
 
 def _start_command(command: list[str]) -> subprocess.Popen[bytes]:
@@ -166,7 +296,10 @@ def exit_code_for(returncode: int) -> int:
 
 
 def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
-    launcher = _make_launcher(args, sink=StreamSink(sys.stdout.fileno()))
+    launcher = _make_launcher(args, sink=_output_sink(args))
+    plan = launcher.plan()  # for the operator's mistakes; launch_plugins() plans again
+    _check_role(args.role, launcher, plan)
+    why = _nothing_to_run(launcher, plan)
     wake_r, wake_w = os.pipe()
     notify_r, notify_w = os.pipe()
     for fd in (wake_r, wake_w, notify_r, notify_w):
@@ -192,13 +325,26 @@ def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
 
         try:
             host, port = parse_address(args.status_addr)
-            server = serve_status(launcher.status, host, port)
+            server = serve_status(launcher.status_snapshot, host, port)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         except OSError as exc:
             raise UsageError(f"--status-addr: {exc.strerror or exc}") from None
+    control = None
+    if args.control is not None:  # also before any plugin starts
+        try:
+            control = serve_control(launcher, args.control)
+        except ControlError as exc:
+            raise UsageError(f"--control: {exc}") from None
+    stay = launcher.config.watch_plugins or control is not None  # plugins may start again
     try:
         launcher.launch_plugins()
+        if why is not None:
+            if not command and not launcher.config.watch_plugins:
+                log.error("nothing to run: %s", why)
+                return 1
+            log.warning("nothing to run yet: %s; %s", why,
+                        f"running {command[0]} anyway" if command else "watching for plugins")
         if server is not None:  # logged once plugins (and any watch) are in place
             bound = server.server_address
             log.info("serving status on http://%s:%d/status and /metrics", bound[0], bound[1])
@@ -210,7 +356,7 @@ def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
                 return 127 if isinstance(exc, FileNotFoundError) else 126
             launcher.guard_group(child.pid, 10.0)
             selector.register(os.pidfd_open(child.pid), selectors.EVENT_READ, "child")
-        elif launcher.settled and not launcher.config.watch_plugins:
+        elif launcher.settled and not stay:
             return _plain_exit_code(launcher)
         while True:
             for key, _ in selector.select():
@@ -228,20 +374,60 @@ def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
                             return 0
                 elif key.data == "notify":
                     _drain(notify_r)
-                    if child is None and not launcher.config.watch_plugins and launcher.settled:
+                    if child is None and not stay and launcher.settled:
                         return _plain_exit_code(launcher)
                 elif key.data == "child" and child is not None:
                     code = child.wait()
                     log.info("%s %s; stopping plugins", command[0], _describe(code))
                     return exit_code_for(code)
     finally:
-        launcher.stop_plugins()
+        if control is not None:  # first: no request may start a plugin while they stop
+            control.close()
+        _stop_with_feedback(launcher, selector, wake_r, notify_r)
         if server is not None:
             server.server_close()
         signal.set_wakeup_fd(-1)
         selector.close()
         for fd in (wake_r, wake_w, notify_r, notify_w):
             os.close(fd)
+
+
+def _output_sink(args: argparse.Namespace) -> StreamSink:
+    """The sink for ``--log-format`` / ``--timestamps``; JSON also formats our own messages."""
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
+        return JsonSink(sys.stdout.fileno())
+    return StreamSink(sys.stdout.fileno(), timestamps=args.timestamps)
+
+
+def _stop_with_feedback(launcher: PluginLauncher, selector: selectors.BaseSelector,
+                        wake_r: int, notify_r: int) -> None:
+    """Stop every plugin while still reading signals: each second, one line per plugin still
+    awaited; a second SIGINT or SIGTERM SIGKILLs what is left at once."""
+    for key in list(selector.get_map().values()):
+        if key.data == "child":  # the wrapped command has ended (or is left to the guardian)
+            selector.unregister(key.fd)
+            os.close(key.fd)
+    launcher.begin_stop()
+    next_report = time.monotonic() + PROGRESS_EVERY
+    killed = False
+    while not launcher.stopped:
+        for key, _ in selector.select(max(0.0, next_report - time.monotonic())):
+            if key.data == "notify":
+                _drain(notify_r)
+            elif key.data == "signal":
+                second = {signal.SIGINT, signal.SIGTERM} & set(_drain(wake_r))
+                if second and not killed:
+                    log.warning("second signal: killing remaining plugins now")
+                    launcher.kill_remaining()
+                    killed = True
+        if time.monotonic() >= next_report:
+            next_report = time.monotonic() + PROGRESS_EVERY
+            for name, pid, left in launcher.awaited():
+                when = "SIGKILL sent" if left is None else f"SIGKILL in {left:.1f}s"
+                log.info("waiting for plugin %s (pid %d), %s", name, pid, when)
+    launcher.stop_plugins()
 
 
 def _describe(code: int) -> str:
@@ -275,12 +461,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, command = argv[:at], argv[at + 1:]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s plugin-launcher %(levelname)s %(message)s")
+    parser = build_parser()
+    if not argv and not command:  # bare `plugin-launcher`: the usage with examples, not an error
+        parser.print_help(sys.stderr)
+        return 2
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         if command and args.action != "run":
             raise UsageError("a command after -- is only accepted by run")
         if args.action == "list":
             return cmd_list(args)
+        if args.action == "ctl":
+            return cmd_ctl(args, UsageError)
         return cmd_run(args, command)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

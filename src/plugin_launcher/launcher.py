@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import atexit
-import logging
 import os
+import signal
 import time
 import weakref
 from typing import Any
 
 from .config import LauncherConfig, coerce_config
-from .identity import detect_worker_identity
-from .output import LoggingSink, Sink
+from .environment import ConfigHandoff, identity_variables, plugin_environment
+from .identity import AUTO, DEFAULT_WORKER_COUNT, DEFAULT_WORKER_ID, resolve_identity
+from .logs import RingBuffer
+from .output import LoggingSink, Sink, safe_logger
 from .plan import Decision, Plan, make_plan
-from .process import ACTIVE_STATES, PluginProcess, State, plugin_environment
-from .supervisor import Supervisor
+from .process import ACTIVE_STATES, PluginProcess, State
+from .supervisor import OperationError, Supervisor
 
-log = logging.getLogger("plugin_launcher.launcher")
+log = safe_logger("plugin_launcher.launcher")  # names and paths escaped
 SETTLE_TIME = 0.5
 STOP_MARGIN = 30.0  # past SIGKILL only a process stuck in the kernel (D state) can remain
 
 
-def check_role(role: Any) -> str:
+def check_role(role: Any) -> str | None:
+    """Upper-case role; None means "no role" (LMCache's MP server): no file-name filtering."""
+    if role is None:
+        return None
     if not isinstance(role, str) or not role.strip():
-        raise ValueError(f"role must be a non-empty string, got {role!r}")
+        raise ValueError(f"role must be a non-empty string or None, got {role!r}")
     if "_" in role or any(c.isspace() for c in role) or "/" in role:
         raise ValueError(f"role must not contain '_', '/' or spaces, got {role!r}")
     return role.upper()
@@ -42,6 +47,42 @@ def check_worker_count(worker_count: Any) -> int:
     if isinstance(worker_count, bool) or not isinstance(worker_count, int) or worker_count < 1:
         raise ValueError(f"worker_count must be an integer >= 1, got {worker_count!r}")
     return worker_count
+
+
+class UnknownPluginError(KeyError):
+    """No plugin of that name in this launcher; the message offers the nearest name."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        from .advice import did_you_mean
+
+        near = did_you_mean(name, known, cutoff=0.6)
+        hint = f" (did you mean {near!r}?)" if near is not None else ""
+        self.message = f"no plugin named {name!r}{hint}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def parse_signal(value: Any) -> int:
+    """A signal number from ``15``, ``"15"``, ``"TERM"``, ``"SIGTERM"`` or ``signal.SIGTERM``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    elif isinstance(value, str):
+        upper = value.strip().upper()
+        upper = upper if upper.startswith("SIG") else "SIG" + upper
+        member = signal.Signals.__members__.get(upper)
+        if member is None:
+            raise ValueError(f"unknown signal {value!r} (use a name such as TERM or HUP, "
+                             "or a number)")
+        number = int(member)
+    else:
+        raise ValueError(f"expected a signal name or number, got {value!r}")
+    if not 1 <= number < signal.NSIG:
+        raise ValueError(f"signal number must be between 1 and {signal.NSIG - 1}, got {number}")
+    return number
 
 
 def file_signature(path: str) -> tuple[Any, ...] | None:
@@ -64,45 +105,49 @@ class PluginLauncher:
     def __init__(
         self,
         config: Any,
-        role: str,
-        worker_id: int | None = 0,
-        worker_count: int | None = 1,
+        role: str | None,
         *,
+        worker_id: int | str | None = DEFAULT_WORKER_ID,
+        worker_count: int | str | None = DEFAULT_WORKER_COUNT,
         detect: bool = False,
         sink: Sink | None = None,
         settle_time: float = SETTLE_TIME,
     ) -> None:
         self.config: LauncherConfig = coerce_config(config)
         self.role = check_role(role)
-        if detect and (worker_id is None or worker_count is None):
-            identity = detect_worker_identity()
-            if worker_id is None:
-                worker_id = identity.worker_id
-            if worker_count is None:
-                if identity.worker_count is None:
-                    raise ValueError(f"{identity.source} gives no worker count: pass worker_count")
-                worker_count = identity.worker_count
+        if detect:  # None (or "auto") means: read it from torchrun/Slurm/MPI/PMI/Kubernetes
+            worker_id, worker_count = resolve_identity(
+                AUTO if worker_id is None else worker_id,
+                AUTO if worker_count is None else worker_count)
         self.worker_id = check_worker_id(worker_id)
         self.worker_count = check_worker_count(worker_count)
         self.sink: Sink = sink if sink is not None else LoggingSink()
         self.settle_time = settle_time
         self._supervisor: Supervisor | None = None
         self._owner_pid: int | None = None
-        self._config_json = self.config.to_json()
+        self._handoff = ConfigHandoff(self.config.to_json())
         self._watcher: Any = None
         self._reload_pending = False
         self._reload_due = 0.0
         self._stopping = False
         self._listeners: list[Any] = []
         self._last_plugins: list[PluginProcess] = []
+        self._last_rings: dict[str, RingBuffer] = {}
 
     # ------------------------------------------------------------------------------ planning
     def plan(self) -> Plan:
         return make_plan(self.config, self.role, self.worker_id)
 
+    def identity_environment(self) -> dict[str, str]:
+        """The LMCache variables every plugin of this launcher gets (upper-case role, -1 for no
+        worker); the LMCache face overrides this with what each LMCache release passed."""
+        worker_id = -1 if self.worker_id is None else self.worker_id
+        return identity_variables(self.role or "", str(worker_id), str(self.worker_count),
+                                  self._handoff.inline)
+
     def _environment(self, decision: Decision) -> dict[str, str]:
-        return plugin_environment(dict(os.environ), self.role, self.worker_id, self.worker_count,
-                                  self._config_json, decision.name)
+        identity = {**self.identity_environment(), **self._handoff.variables()}
+        return plugin_environment(os.environ, identity, decision.name)
 
     def _report(self, plan: Plan) -> list[Decision]:
         for warning in plan.warnings:
@@ -119,7 +164,8 @@ class PluginLauncher:
         if self._supervisor is None or not self._supervisor.alive:
             self._stopping = False
             self._reload_pending = False
-            self._supervisor = Supervisor(self.sink, self._environment)
+            self._supervisor = Supervisor(self.sink, self._environment,
+                                          log_fields=(self.role or "", self.worker_id))
             self._supervisor.listeners.extend(self._listeners)
             self._supervisor.start()
             if self._owner_pid is None:
@@ -138,6 +184,7 @@ class PluginLauncher:
             supervisor.launch(selected)
             for decision in selected:
                 supervisor.procs[decision.name].signature = file_signature(decision.path)
+            supervisor.publish_status()  # /status shows them as soon as this returns
 
         supervisor.call(launch)
         if not selected:
@@ -155,6 +202,97 @@ class PluginLauncher:
         if self._supervisor is None or not self._supervisor.alive:
             return [p.status() for p in self.plugins]
         return self._supervisor.call(self._supervisor.status)
+
+    def status_snapshot(self) -> list[dict[str, Any]]:
+        """``status()`` as the supervisor last published it (at most 0.2 s old), without waiting
+        for its thread: what the status server serves, so a busy loop cannot stall a scrape."""
+        supervisor = self._supervisor
+        if supervisor is None or not supervisor.alive:
+            return [p.status() for p in self.plugins]
+        return list(supervisor.snapshot)
+
+    # ------------------------------------------------------------------ one plugin, on demand
+    def _resolve(self, name: str) -> tuple[Supervisor, PluginProcess]:
+        """The running supervisor and plugin ``name``; UnknownPluginError with a near miss."""
+        supervisor = self._supervisor
+        if supervisor is None or not supervisor.alive:
+            raise OperationError("the launcher is not running (call launch_plugins first)")
+        proc = supervisor.procs.get(name)
+        if proc is None:
+            raise UnknownPluginError(name, list(supervisor.procs))
+        return supervisor, proc
+
+    def start_plugin(self, name: str) -> dict[str, Any]:
+        """Start plugin ``name`` if it is not running (also ends an operator stop); returns its
+        status once it has started (or failed to)."""
+        supervisor, _ = self._resolve(name)
+        supervisor.call(lambda: supervisor.operator_start(name))
+        supervisor.wait_until(lambda: supervisor.procs[name].state != State.STOPPING, STOP_MARGIN)
+        return self._status_of(supervisor, name)
+
+    def stop_plugin(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+        """Stop plugin ``name`` (TERM its group, KILL after ``timeout``, default its
+        ``stop_timeout``) and keep it stopped — across ``reload()`` too — until
+        ``start_plugin``.  Returns its status once its processes are gone."""
+        supervisor, proc = self._resolve(name)
+        supervisor.call(lambda: supervisor.operator_stop(name, timeout))
+        grace = proc.decision.options.stop_timeout if timeout is None else timeout
+        supervisor.wait_until(lambda: supervisor.procs[name].state not in ACTIVE_STATES,
+                              grace + STOP_MARGIN)
+        return self._status_of(supervisor, name)
+
+    def restart_plugin(self, name: str) -> dict[str, Any]:
+        """Stop plugin ``name`` (as ``stop_plugin``) and start it again; counts in ``restarts``.
+        Returns its status once the new run has started (or failed to)."""
+        supervisor, proc = self._resolve(name)
+        old_run = proc.run
+
+        def moved_on() -> bool:
+            now = supervisor.procs[name]
+            if now.state == State.STOPPING:
+                return False
+            return now.run is not old_run or now.state not in ACTIVE_STATES
+
+        supervisor.call(lambda: supervisor.operator_restart(name))
+        supervisor.wait_until(moved_on, proc.decision.options.stop_timeout + STOP_MARGIN)
+        return self._status_of(supervisor, name)
+
+    def signal_plugin(self, name: str, sig: int | str) -> int:
+        """Send ``sig`` (number, ``"HUP"`` or ``"SIGHUP"``) to plugin ``name``'s main process;
+        returns its PID.  OperationError if it is not running."""
+        number = parse_signal(sig)
+        supervisor, _ = self._resolve(name)
+        return supervisor.call(lambda: supervisor.operator_signal(name, number))
+
+    def tail(self, name: str, n: int = 10) -> list[str]:
+        """The last ``n`` lines of plugin ``name`` (stdout and stderr in arrival order; at most
+        the newest 1,000 lines or 256 KiB), decoded with invalid UTF-8 replaced."""
+        supervisor = self._supervisor
+        if supervisor is None or not supervisor.alive:
+            ring = self._last_rings.get(name)
+            if ring is None:
+                raise UnknownPluginError(name, list(self._last_rings))
+            lines = ring.last(n)
+        else:
+            self._resolve(name)
+            lines = supervisor.call(lambda: supervisor.tail(name, n))
+        return [line.decode("utf-8", "replace") for line in lines]
+
+    def follow(self, name: str, tap: Any) -> Any:
+        """Call ``tap(stream, block)`` on the supervisor thread for each new block of output of
+        plugin ``name`` (it must not block); returns a function that ends it."""
+        supervisor, _ = self._resolve(name)
+        supervisor.call(lambda: supervisor.add_tap(name, tap))
+
+        def cancel() -> None:
+            if supervisor.alive:
+                supervisor.call(lambda: supervisor.remove_tap(name, tap))
+
+        return cancel
+
+    @staticmethod
+    def _status_of(supervisor: Supervisor, name: str) -> dict[str, Any]:
+        return supervisor.call(lambda: supervisor.procs[name].status())
 
     def add_listener(self, listener: Any) -> None:
         """Call ``listener()`` (on the supervisor thread) after any plugin changes state."""
@@ -174,28 +312,59 @@ class PluginLauncher:
         supervisor = self._supervisor
         return supervisor is None or not supervisor.alive or supervisor.call(supervisor.settled)
 
-    def stop_plugins(self, timeout: float | None = None) -> None:
+    def begin_stop(self, timeout: float | None = None) -> None:
+        """Start stopping every plugin (as ``stop_plugins``) and return at once; follow it with
+        ``stopped``, ``awaited()`` and ``kill_remaining()``, then ``stop_plugins()`` to finish."""
+        supervisor = self._supervisor
+        if supervisor is None or not supervisor.alive:
+            return
+
+        def stop_all() -> None:
+            self._stopping = True  # a pending live reload must not start anything now
+            supervisor.stop(None, timeout)
+
+        supervisor.call(stop_all)
+
+    @property
+    def stopped(self) -> bool:
+        """True once no plugin is active and no plugin process group is still being ended."""
+        supervisor = self._supervisor
+        return supervisor is None or not supervisor.alive or supervisor.call(supervisor.quiet)
+
+    def awaited(self) -> list[tuple[str, int, float | None]]:
+        """While stopping: (name, pid, seconds until SIGKILL, None once sent) per plugin left."""
+        supervisor = self._supervisor
+        if supervisor is None or not supervisor.alive:
+            return []
+        return supervisor.call(supervisor.awaited)
+
+    def kill_remaining(self) -> None:
+        """SIGKILL every plugin process group still being ended (an impatient operator)."""
+        supervisor = self._supervisor
+        if supervisor is not None and supervisor.alive:
+            supervisor.call(supervisor.kill_all)
+
+    def stop_plugins(self, timeout: float | None = None, *, margin: float = STOP_MARGIN) -> None:
         """SIGTERM every plugin group at once, SIGKILL after ``timeout`` (default: each plugin's
-        ``stop_timeout``), and return once every plugin process is gone.  Idempotent."""
+        ``stop_timeout``), and return once every plugin process is gone.  Idempotent.
+
+        ``margin``: how long to wait past SIGKILL (only a process stuck in the kernel needs it)."""
         supervisor = self._supervisor
         if supervisor is None:
             return
         if supervisor.alive:
-
-            def stop_all() -> None:
-                self._stopping = True  # a pending live reload must not start anything now
-                supervisor.stop(None, timeout)
-
-            supervisor.call(stop_all)
+            self.begin_stop(timeout)
             grace = timeout if timeout is not None else max(
                 (p.decision.options.stop_timeout for p in supervisor.procs.values()), default=0.0)
-            if not supervisor.wait_until(supervisor.quiet, grace + STOP_MARGIN):
-                log.error("plugins still running %.0fs after SIGKILL: %s", STOP_MARGIN, ", ".join(
+            if not supervisor.wait_until(supervisor.quiet, grace + margin):
+                log.error("plugins still running %.0fs after SIGKILL: %s", margin, ", ".join(
                     p.name for p in supervisor.procs.values() if p.state in ACTIVE_STATES))
                 supervisor.kill_all()  # from this thread, in case the loop itself is stuck
         supervisor.close()
         self._close_watcher()
+        self._handoff.close()
         self._last_plugins = list(supervisor.procs.values())
+        self._last_rings = supervisor.rings
         self._supervisor = None
 
     def guard_group(self, pgid: int, stop_timeout: float) -> None:
@@ -303,4 +472,4 @@ class PluginLauncher:
             self._watcher = None
 
 
-__all__ = ["PluginLauncher", "State"]
+__all__ = ["OperationError", "PluginLauncher", "State", "UnknownPluginError", "parse_signal"]

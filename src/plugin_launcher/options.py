@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -15,6 +16,12 @@ from typing import Any
 RESTART_POLICIES = ("never", "on-failure", "always")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# Bounds on every duration (seconds): an absurd value is a typo, and inf or years would overflow
+# the selector's timeout or the guardian's wait; a backoff below MIN_BACKOFF would spin.
+MAX_DURATION = 30 * 24 * 3600.0  # timeout, backoff.max, backoff.reset: 30 days
+MAX_STOP_TIMEOUT = 3600.0  # stop_timeout / --stop-timeout: 1 hour
+MIN_BACKOFF = 0.05  # backoff.initial
+MAX_CPU_TIME = 10 * 365 * 24 * 3600  # cpu_time_max: 10 years of CPU seconds
 
 
 class OptionError(ValueError):
@@ -34,6 +41,9 @@ class PluginOptions:
     memory_max: int | None = None
     open_files_max: int | None = None
     cpu_time_max: int | None = None
+    log_file: str | None = None  # template: {name}, {role}, {worker_id}
+    log_max_bytes: int = 10 << 20  # 0: never rotate
+    log_backups: int = 5
 
     @property
     def has_limits(self) -> bool:
@@ -57,6 +67,35 @@ def _number(key: str, value: Any, *, minimum: float = 0.0, allow_none: bool = Fa
     if value < minimum:
         raise OptionError(f"{key}: must be >= {minimum:g}, got {value!r}")
     return float(value)
+
+
+def _duration(key: str, value: Any, minimum: float, maximum: float) -> float:
+    """Seconds, finite and within [minimum, maximum]; the message gives the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{key}: expected a number, got {value!r}")
+    if not minimum <= value <= maximum:  # also false for nan; exact for huge integers
+        raise OptionError(f"{key}: must be between {minimum:g} and {maximum:.0f} seconds "
+                          f"({describe_seconds(maximum)}), got {_shown(value)}")
+    return float(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def describe_seconds(seconds: float) -> str:
+    """``2592000`` -> ``30 days``: the bound in words, for error messages."""
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit[:-1] if count == 1 else unit}"
+    return f"{seconds:g} s"
+
+
+def check_stop_timeout(key: str, value: Any) -> float:
+    """A stop timeout (config key or ``--stop-timeout``): 0 to MAX_STOP_TIMEOUT seconds."""
+    return _duration(key, value, 0.0, MAX_STOP_TIMEOUT)
 
 
 def _integer(key: str, value: Any, *, minimum: int, maximum: int | None = None) -> int | None:
@@ -90,6 +129,28 @@ def parse_size(key: str, value: Any) -> int | None:
     return size
 
 
+LOG_FILE_FIELDS = ("name", "role", "worker_id")
+
+
+def check_log_file(key: str, value: Any) -> str | None:
+    """A ``log_file`` template: a path where only ``{name}``, ``{role}``, ``{worker_id}`` are
+    filled in (``{{`` for a literal brace)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise OptionError(f"{key}: expected a file path, got {value!r}")
+    try:
+        used = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as exc:
+        raise OptionError(f"{key}: {exc} in {value!r} (write {{{{ for a brace)") from None
+    for field_name in used:
+        if field_name not in LOG_FILE_FIELDS:
+            known = ", ".join(f"{{{f}}}" for f in LOG_FILE_FIELDS)
+            raise OptionError(f"{key}: unknown field {{{field_name}}} in {value!r} "
+                              f"(known: {known})")
+    return value
+
+
 def _apply(base: PluginOptions, raw: Mapping[str, Any], where: str) -> PluginOptions:
     known = {f.name for f in fields(PluginOptions) if not f.name.startswith("backoff_")}
     known.add("backoff")
@@ -111,13 +172,15 @@ def _apply(base: PluginOptions, raw: Mapping[str, Any], where: str) -> PluginOpt
             for sub, sub_value in value.items():
                 if sub not in ("initial", "max", "reset"):
                     raise OptionError(f"{name}.{sub}: unknown option (known: initial, max, reset)")
-                changes[f"backoff_{sub}"] = _number(f"{name}.{sub}", sub_value)
+                low = MIN_BACKOFF if sub == "initial" else 0.0
+                changes[f"backoff_{sub}"] = _duration(f"{name}.{sub}", sub_value, low,
+                                                      MAX_DURATION)
         elif key == "stop_timeout":
-            changes[key] = _number(name, value)
+            changes[key] = check_stop_timeout(name, value)
         elif key == "timeout":
-            changes[key] = _number(name, value, allow_none=True)
-            if changes[key] == 0:
+            if value == 0 and not isinstance(value, bool):
                 raise OptionError(f"{name}: must be positive or null, got 0")
+            changes[key] = None if value is None else _duration(name, value, 0.0, MAX_DURATION)
         elif key == "nice":
             changes[key] = _integer(name, value, minimum=-20, maximum=19)
         elif key == "memory_max":
@@ -125,7 +188,14 @@ def _apply(base: PluginOptions, raw: Mapping[str, Any], where: str) -> PluginOpt
         elif key == "open_files_max":
             changes[key] = _integer(name, value, minimum=1)
         elif key == "cpu_time_max":
-            changes[key] = _integer(name, value, minimum=1)
+            changes[key] = _integer(name, value, minimum=1, maximum=MAX_CPU_TIME)
+        elif key == "log_file":
+            changes[key] = check_log_file(name, value)
+        elif key == "log_max_bytes":
+            never = value == "0" or (value == 0 and type(value) is int)
+            changes[key] = 0 if never else parse_size(name, value)
+        elif key == "log_backups":
+            changes[key] = _integer(name, value, minimum=0, maximum=1000)
     result = replace(base, **changes)
     if result.backoff_max < result.backoff_initial:
         raise OptionError(f"{where}.backoff.max: must be >= backoff.initial")

@@ -109,6 +109,7 @@ class PluginProcess:
     error: str | None = None
     change: str | None = None  # live reload: added / changed / removed
     signature: tuple[Any, ...] | None = None
+    held: bool = False  # stopped by the operator: no restart, no reload starts it until start
 
     @property
     def name(self) -> str:
@@ -147,23 +148,6 @@ class PluginProcess:
             "error": self.error,
             "change": self.change,
         }
-
-
-def plugin_environment(
-    base: dict[str, str], role: str, worker_id: int | None, worker_count: int,
-    config_json: str, name: str,
-) -> dict[str, str]:
-    env = dict(base)
-    env.update(
-        LMCACHE_PLUGIN_ROLE=role.upper(),
-        LMCACHE_PLUGIN_CONFIG=config_json,
-        LMCACHE_PLUGIN_WORKER_ID=str(-1 if worker_id is None else worker_id),
-        LMCACHE_PLUGIN_WORKER_COUNT=str(worker_count),
-        LMCACHE_PLUGIN_PARENT_PID=str(os.getpid()),
-        LMCACHE_PLUGIN_NAME=name,
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 def spawn(decision: Decision, env: dict[str, str]) -> Run:

@@ -9,6 +9,7 @@ group is being ended (checked every 50 ms) or on kernels without pidfd.
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import logging
 import os
@@ -25,7 +26,8 @@ from typing import Any, TypeVar
 from . import limits
 from .guardian import live_groups
 from .guardian_client import GuardianClient
-from .output import Sink
+from .logs import RingBuffer, RotatingLog, log_path
+from .output import Sink, safe_logger
 from .plan import Decision
 from .process import (
     ACTIVE_STATES,
@@ -38,16 +40,56 @@ from .process import (
     spawn,
 )
 
-log = logging.getLogger("plugin_launcher.supervisor")
+log = safe_logger("plugin_launcher.supervisor")  # names and paths escaped
 T = TypeVar("T")
+Timer = tuple[float, int, Callable[[], None]]  # (deadline, sequence, function): a heap entry
 READ_SIZE = 1 << 16
 GROUP_CHECK = 0.05
 POLL_WITHOUT_PIDFD = 0.1
 KILL_GRACE = 1.0
+MAX_SELECT_TIMEOUT = 3600.0  # epoll refuses ~24.8 days; a later timer is simply waited in steps
+LOOP_ERROR_DELAY = (0.01, 1.0)  # a failing loop round waits this long, doubling, before retrying
+STATUS_INTERVAL = 0.2  # the published status snapshot is refreshed at most this often
 
 
 def group_alive(pgid: int) -> bool:
     return bool(live_groups([pgid]))
+
+
+class OperationError(RuntimeError):
+    """An operator request that cannot be done now (e.g. signalling a plugin that is not
+    running); the message is one line for the operator."""
+
+
+class _ThreeArgumentSink:
+    """Adapts a sink written before ``write`` took ``pid`` (it simply never sees the PID)."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+
+    def write(self, name: str, stream: str, block: bytes, pid: int | None = None) -> None:
+        self.sink.write(name, stream, block)
+
+
+def adapt_sink(sink: Any) -> Sink:
+    """``sink`` itself if its ``write`` accepts a PID, else a wrapper that drops it."""
+    try:
+        inspect.signature(sink.write).bind("name", "stdout", b"", 0)
+    except TypeError:
+        return _ThreeArgumentSink(sink)
+    except ValueError:  # no signature to inspect (a builtin): trust the protocol
+        pass
+    return sink  # type: ignore[no-any-return]
+
+
+def _error_key(exc: BaseException) -> tuple[str, str, int]:
+    """Where an error came from: the same key again means the same error repeating."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return (type(exc).__name__, "", 0)
+    return (type(exc).__name__, tb.tb_frame.f_code.co_filename, tb.tb_lineno)
 
 
 def signal_group(pgid: int, sig: int) -> None:
@@ -67,8 +109,15 @@ class Supervisor:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        log_fields: tuple[str, int | None] = ("", None),
     ) -> None:
-        self.sink = sink
+        self.sink = adapt_sink(sink)
+        self.log_fields = log_fields  # role and worker ID, for log_file templates
+        self.rings: dict[str, RingBuffer] = {}  # name -> its last lines (survive restarts)
+        self.taps: dict[str, list[Callable[[str, bytes], None]]] = {}  # name -> followers
+        self._plugin_logs: dict[str, RotatingLog | None] = {}  # name -> its log_file
+        self._log_files: dict[str, RotatingLog] = {}  # path -> writer (shared by path)
+        self._pending_start: dict[str, bool] = {}  # name -> counts as a restart
         self.environment = environment
         self.clock = clock
         self.rng = rng or random.Random()
@@ -90,6 +139,11 @@ class Supervisor:
         self._poll_timer = False
         self._changed = False
         self._closing = False
+        self._timeout_timers: dict[str, Timer] = {}
+        self.snapshot: list[dict[str, Any]] = []  # status as last published: read lock-free
+        self._status_dirty = False
+        self._published_at = float("-inf")
+        self._publish_timer = False
         self.guardian = GuardianClient()
         self._thread = threading.Thread(target=self._loop, name="plugin-supervisor", daemon=True)
 
@@ -151,6 +205,8 @@ class Supervisor:
             self._thread.join()
         self.guardian.close()
         self._selector.close()
+        for writer in self._log_files.values():
+            writer.close()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -175,6 +231,9 @@ class Supervisor:
             old = self.procs.get(decision.name)
             if old is not None and old.state in ACTIVE_STATES:
                 continue
+            if old is not None and old.held:  # the operator stopped it: only `start` starts it
+                old.decision, old.change = decision, change
+                continue
             self.procs[decision.name] = proc
             self._start(proc)
 
@@ -183,11 +242,15 @@ class Supervisor:
             proc = self.procs.get(name)
             if proc is not None:
                 self._replacements.pop(name, None)
+                self._pending_start.pop(name, None)
                 self._stop(proc, timeout)
 
     def replace(self, decision: Decision) -> None:
         """Restart a plugin with a new decision (its file changed): stop, then start anew."""
         proc = self.procs.get(decision.name)
+        if proc is not None and proc.held:  # runs the new file once the operator starts it
+            proc.decision, proc.change = decision, "changed"
+            return
         if proc is None or proc.state not in ACTIVE_STATES:
             self.procs[decision.name] = PluginProcess(decision, change="changed")
             self._start(self.procs[decision.name])
@@ -215,21 +278,131 @@ class Supervisor:
             if proc.run is not None and proc.state in ACTIVE_STATES:
                 signal_group(proc.run.pgid, signal.SIGKILL)
 
+    def awaited(self) -> list[tuple[str, int, float | None]]:
+        """(name, pid, seconds until SIGKILL or None once sent) of each plugin being ended."""
+        now = self.clock()
+        found = []
+        for proc in self.procs.values():
+            run = proc.run
+            entry = self._lingering.get(run.pgid) if run is not None else None
+            if run is not None and entry is not None:
+                found.append((proc.name, run.pid, None if entry[1] else max(0.0, entry[0] - now)))
+        return found
+
     def status(self) -> list[dict[str, Any]]:
         return [p.status() for p in self.procs.values()]
 
+    # ------------------------------------------------------- operator requests (on the loop)
+    def operator_stop(self, name: str, timeout: float | None = None) -> None:
+        """Stop one plugin and hold it stopped (no restart policy, no reload) until started."""
+        proc = self.procs[name]
+        proc.held = True
+        self._replacements.pop(name, None)
+        self._pending_start.pop(name, None)
+        self._stop(proc, timeout)
+
+    def operator_start(self, name: str) -> bool:
+        """Start a plugin that is not running; False if it already runs (nothing to do)."""
+        proc = self.procs[name]
+        if proc.change == "removed":
+            raise OperationError(f"plugin {name} was removed from the plugin locations")
+        proc.held = False
+        if proc.state in (State.RUNNING, State.STARTING):
+            return False
+        if proc.state == State.STOPPING:
+            self._pending_start.setdefault(name, False)
+            return True
+        if proc.state == State.BACKOFF:
+            self._generation[name] += 1  # cancels the pending restart: start now instead
+        log.info("starting plugin %s (operator request)", name)
+        proc.backoff_step = 0
+        self._start(proc)
+        return True
+
+    def operator_restart(self, name: str) -> None:
+        """Stop (TERM, grace, KILL) and start again; counts in ``restarts``."""
+        proc = self.procs[name]
+        if proc.change == "removed":
+            raise OperationError(f"plugin {name} was removed from the plugin locations")
+        proc.held = False
+        if proc.state in (State.RUNNING, State.STARTING, State.STOPPING):
+            self._pending_start[name] = True
+            self._stop(proc, None)
+            return
+        if proc.state == State.BACKOFF:
+            self._generation[name] += 1
+        log.info("restarting plugin %s (operator request)", name)
+        proc.restarts += 1
+        proc.backoff_step = 0
+        self._start(proc)
+
+    def operator_signal(self, name: str, sig: int) -> int:
+        """Send ``sig`` to the plugin's main process (not its group); returns its PID."""
+        proc = self.procs[name]
+        run = proc.run
+        if run is None or run.returncode is not None or proc.state not in ACTIVE_STATES:
+            raise OperationError(f"plugin {name} is not running (state {proc.state})")
+        os.kill(run.pid, sig)  # not reaped yet (that happens on this thread): the PID is its
+        return run.pid
+
+    def tail(self, name: str, n: int) -> list[bytes]:
+        ring = self.rings.get(name)
+        return ring.last(n) if ring is not None else []
+
+    def add_tap(self, name: str, tap: Callable[[str, bytes], None]) -> None:
+        """Call ``tap(stream, block)`` on the loop for each new block of plugin ``name``."""
+        self.taps.setdefault(name, []).append(tap)
+
+    def remove_tap(self, name: str, tap: Callable[[str, bytes], None]) -> None:
+        taps = self.taps.get(name, [])
+        if tap in taps:
+            taps.remove(tap)
+        if not taps:
+            self.taps.pop(name, None)
+
+    def _log_for(self, proc: PluginProcess) -> RotatingLog | None:
+        options = proc.decision.options
+        if options.log_file is None:
+            return None
+        role, worker_id = self.log_fields
+        path = os.path.abspath(log_path(options.log_file, proc.name, role, worker_id))
+        writer = self._log_files.get(path)
+        if writer is None:
+            writer = self._log_files[path] = RotatingLog(path, options.log_max_bytes,
+                                                         options.log_backups, self.clock)
+        return writer
+
     # --------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
+        failures = repeats = 0  # consecutive failed rounds; repeats of the same error
+        last: tuple[str, str, int] | None = None
         while not self._closing:
             try:
                 self._iterate()
-            except Exception:  # never let one bad event end supervision
-                log.exception("internal error in the plugin supervisor loop")
+            except Exception as exc:  # never let one bad event end supervision, never spin
+                failures += 1
+                key = _error_key(exc)
+                if key == last:
+                    repeats += 1
+                    if repeats in (10, 100, 1000) or repeats % 10000 == 0:
+                        log.error("the same internal error repeated %d times", repeats)
+                else:
+                    if repeats:
+                        log.error("the previous internal error repeated %d times", repeats)
+                    last, repeats = key, 0
+                    log.exception("internal error in the plugin supervisor loop")
+                first, most = LOOP_ERROR_DELAY
+                time.sleep(min(most, first * 2.0 ** min(failures - 1, 20)))
+            else:
+                if repeats:
+                    log.error("the previous internal error repeated %d times", repeats)
+                failures = repeats = 0
+                last = None
 
     def _iterate(self) -> None:
         timeout = None
         if self._timers:
-            timeout = max(0.0, self._timers[0][0] - self.clock())
+            timeout = min(MAX_SELECT_TIMEOUT, max(0.0, self._timers[0][0] - self.clock()))
         fd_map = self._selector.get_map()
         for key, _mask in self._selector.select(timeout):
             if fd_map.get(key.fd) is not key:
@@ -248,6 +421,8 @@ class Supervisor:
             self._changed = False
             for listener in self.listeners:
                 listener()
+        if self._status_dirty:
+            self._publish_if_due()
         if self._waiters:
             remaining = []
             for predicate, event in self._waiters:
@@ -266,12 +441,38 @@ class Supervisor:
         while self._commands:
             self._commands.popleft()()
 
-    def _after(self, delay: float, fn: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (self.clock() + delay, next(self._seq), fn))
+    def _after(self, delay: float, fn: Callable[[], None]) -> Timer:
+        entry = (self.clock() + delay, next(self._seq), fn)
+        heapq.heappush(self._timers, entry)
+        return entry
+
+    def _cancel(self, entry: Timer | None) -> None:
+        """Drop a pending timer now (a run's timeout must not outlive the run)."""
+        if entry is not None and entry in self._timers:
+            self._timers.remove(entry)
+            heapq.heapify(self._timers)
+
+    def publish_status(self) -> None:
+        """Refresh ``snapshot``, which the status server reads without calling this thread."""
+        self._status_dirty = False
+        self._published_at = self.clock()
+        self.snapshot = self.status()
+
+    def _publish_if_due(self) -> None:
+        due = self._published_at + STATUS_INTERVAL
+        if self.clock() >= due:
+            self.publish_status()
+        elif not self._publish_timer:
+            self._publish_timer = True
+            self._after(due - self.clock(), self._publish_timer_due)
+
+    def _publish_timer_due(self) -> None:
+        self._publish_timer = False  # the end of this loop round publishes
 
     def _set_state(self, proc: PluginProcess, state: State) -> None:
         proc.state = state
         self._changed = True
+        self._status_dirty = True
 
     # -------------------------------------------------------------------------- transitions
     def _start(self, proc: PluginProcess) -> None:
@@ -294,6 +495,7 @@ class Supervisor:
             return
         run.started = self.clock()
         proc.run = run
+        self._plugin_logs[proc.name] = self._log_for(proc)
         proc.error = None
         proc.started_wall = run.started_wall
         self.guardian.watch(run.pgid, decision.options.stop_timeout)
@@ -308,7 +510,9 @@ class Supervisor:
         log.info("started plugin %s (pid %d): %s", proc.name, run.pid, " ".join(decision.command))
         timeout = decision.options.timeout
         if timeout is not None:
-            self._after(timeout, lambda: self._on_timeout(proc, run))
+            self._cancel(self._timeout_timers.pop(proc.name, None))
+            self._timeout_timers[proc.name] = self._after(
+                timeout, lambda: self._on_timeout(proc, run))
 
     def _stop(self, proc: PluginProcess, timeout: float | None) -> None:
         grace = proc.decision.options.stop_timeout if timeout is None else timeout
@@ -369,8 +573,20 @@ class Supervisor:
             block = splitter.flush()
             self._close_stream(run, fd)
         if block:
-            proc.output_lines += block.count(b"\n")
-            self.sink.write(proc.name, stream, block)
+            self._status_dirty = True
+            count = block.count(b"\n")
+            proc.output_lines += count
+            self.sink.write(proc.name, stream, block, run.pid)
+            ring = self.rings.get(proc.name)
+            if ring is None:
+                ring = self.rings[proc.name] = RingBuffer()
+            ring.add(block, count)
+            writer = self._plugin_logs.get(proc.name)
+            if writer is not None:
+                writer.write(block)
+            if self.taps:
+                for tap in self.taps.get(proc.name, ()):
+                    tap(stream, block)
 
     def _check_limit_message(self, proc: PluginProcess, run: Run, chunk: bytes) -> None:
         options = proc.decision.options
@@ -439,6 +655,7 @@ class Supervisor:
 
     def _finish(self, proc: PluginProcess, failure: bool | None) -> None:
         run = proc.run
+        self._cancel(self._timeout_timers.pop(proc.name, None))  # the run is over
         options = proc.decision.options
         if run is not None and failure is None:
             code = run.returncode
@@ -462,6 +679,15 @@ class Supervisor:
             if self.clock() - run.started >= options.backoff_reset:
                 proc.backoff_step = 0
         replacement = self._replacements.pop(proc.name, None)
+        counts = self._pending_start.pop(proc.name, None)
+        if counts is not None and replacement is None:  # operator start / restart
+            log.info("plugin %s %s; %s (operator request)", proc.name, what,
+                     "restarting" if counts else "starting")
+            if counts:
+                proc.restarts += 1
+            proc.backoff_step = 0
+            self._start(proc)
+            return
         if replacement is not None:
             log.info("plugin %s %s; restarting changed plugin", proc.name, what)
             new = PluginProcess(replacement, change="changed", signature=proc.signature)
