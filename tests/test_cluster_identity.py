@@ -133,7 +133,7 @@ def test_precedence_torchrun_slurm_openmpi_pmi(
     env = {k: v for k, v in FULL.items() if k not in {v for pair in ORDER[:dropped] for v in pair}}
     result = cli_list(tmp_path, env, "--plugin-location", str(plugin_dir),
                       "--worker-id", "auto", "--worker-count", "auto")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # list: 1, nothing would run (empty folder)
     rank_var, size_var = ORDER[dropped]
     assert identity_line(result) == (int(FULL[rank_var]), int(FULL[size_var]))
 
@@ -160,7 +160,7 @@ def test_job_completion_index_gives_the_id_and_the_count_comes_from_the_flag(
 ) -> None:
     result = cli_list(tmp_path, {"JOB_COMPLETION_INDEX": "5"}, "--plugin-location",
                       str(plugin_dir), "--worker-id", "auto", "--worker-count", "8")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # list: 1, nothing would run (empty folder)
     assert identity_line(result) == (5, 8)
 
 
@@ -219,7 +219,7 @@ def test_malformed_identity_exits_2_naming_the_variable(
 def test_explicit_numbers_win_over_the_environment(plugin_dir: Path, tmp_path: Path) -> None:
     result = cli_list(tmp_path, FULL, "--plugin-location", str(plugin_dir),
                       "--worker-id", "6", "--worker-count", "9")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # list: 1, nothing would run (empty folder)
     assert identity_line(result) == (6, 9)
     # and auto for one of them only takes that one from the environment
     result = cli_list(tmp_path, FULL, "--plugin-location", str(plugin_dir),

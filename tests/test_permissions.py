@@ -71,7 +71,7 @@ def cli(tracker: ProcessTracker, *args: str, prefix: tuple[str, ...] = (),
 def list_json(tracker: ProcessTracker, location: Path, *extra: str) -> dict[str, dict[str, Any]]:
     res = cli(tracker, "list", "--role", "worker", "--plugin-location", str(location), "--json",
               *extra)
-    assert res.code == 0, res.stderr
+    assert res.code in (0, 1), res.stderr  # 1: nothing would run here
     return {d["name"]: d for d in json.loads("\n".join(res.stdout))}
 
 

@@ -148,7 +148,8 @@ def list_selected(folder: str, role: str, worker_id: int | None) -> list[str]:
     args = ["--worker-id", str(worker_id)] if worker_id is not None else []
     out = subprocess.run([*CLI, "list", "--json", "--role", role, "--plugin-location", folder,
                           "--worker-count", "20", *args],
-                         capture_output=True, text=True, timeout=30, check=True)
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode in (0, 1), out.stderr  # 1: nothing would run
     return sorted(d["name"] for d in json.loads(out.stdout) if d["selected"])
 
 
@@ -165,7 +166,7 @@ def test_list_agrees_with_run(names: list[str], role: str, worker_id: int) -> No
             (folder / name).write_text(PLUGIN_PY if name.endswith(".py") else PLUGIN_SH)
         config = {"plugin_locations": [str(folder)],
                   "plugin_options": {"default": {"stop_timeout": 1}}}
-        launcher = PluginLauncher(config, role, worker_id, 20)
+        launcher = PluginLauncher(config, role, worker_id=worker_id, worker_count=20)
         os.environ["SHARED_FILE"] = str(shared)
         try:
             planned = sorted(d.name for d in launcher.plan().selected)
