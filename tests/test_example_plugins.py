@@ -616,7 +616,8 @@ def test_documentation_examples_through_the_cli(
 def test_demo_config_selects_the_examples_from_the_repository_root() -> None:
     data = yaml.safe_load((ROOT / "examples" / "lmcache.yaml").read_text())
     assert data["plugin_locations"] == ["examples/plugins"]
-    assert data["extra_config"] == {"foo_interval": 2, "metrics_port": 9400}
+    assert data["extra_config"] == {"foo_interval": 2,
+                                    "metrics_port": {"scheduler": 9400, "worker": 9401}}
     listing = subprocess.run(
         [sys.executable, "-m", "plugin_launcher", "list", "--role", "scheduler"]
         + ["--config", "examples/lmcache.yaml"],

@@ -1,11 +1,13 @@
 """Prometheus exporter of the served process: CPU seconds, memory, threads and open files.
 
 Each process (scheduler and every worker) gets its own exporter, on port
-``extra_config.metrics_port + worker_id`` (``metrics_port`` itself when there is no worker ID),
-listening on ``extra_config.metrics_addr`` (default 0.0.0.0). The values are read with psutil from
-the process this plugin serves (LMCACHE_PLUGIN_PARENT_PID) at each scrape, so they are never stale,
-and labelled with ``role`` and ``worker_id`` (-1 when there is none). ``lmcache_process_up`` drops
-to 0 when that process is gone: alert on it.
+``extra_config.metrics_port + worker_id`` (``metrics_port`` itself when there is no worker ID);
+``metrics_port`` may also map roles to base ports (``{scheduler: 9400, worker: 9401}``) so that a
+scheduler and its workers can share one host. It listens on ``extra_config.metrics_addr``
+(default 0.0.0.0). The values are read with psutil from the process this plugin serves
+(LMCACHE_PLUGIN_PARENT_PID) at each scrape, so they are never stale, and labelled with ``role``
+and ``worker_id`` (-1 when there is none). ``lmcache_process_up`` drops to 0 when that process is
+gone: alert on it.
 
 No shebang: the launcher runs it with its own Python, where plugin-launcher[examples] is installed.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from plugin_launcher.plugin import PluginContext, run
+from plugin_launcher.plugin import PluginContext, PluginEnvironmentError, run
 
 METRICS = {  # name: (type, help); a counter is exposed with a _total suffix
     "lmcache_process_cpu_seconds": ("counter", "User + system CPU time of the served process"),
@@ -39,8 +41,23 @@ def read(process: Any) -> dict[str, float]:
         }
 
 
+def role_base_port(ctx: PluginContext) -> int | None:
+    """``metrics_port``: one base port, or a base port per role (``{scheduler: 9400, ...}``)."""
+    setting = ctx.extra_config.get("metrics_port")
+    if not isinstance(setting, dict):
+        return ctx.option("metrics_port", int, minimum=1, maximum=65535)
+    by_role = {str(role).upper(): port for role, port in setting.items()}
+    port = by_role.get(ctx.role)
+    if port is None:
+        return None
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise PluginEnvironmentError(f"extra_config.metrics_port.{ctx.role.lower()}: expected an "
+                                     f"integer from 1 to 65535, got {port!r}")
+    return port
+
+
 def main(ctx: PluginContext) -> int:
-    base_port = ctx.option("metrics_port", int, minimum=1, maximum=65535)
+    base_port = role_base_port(ctx)
     if base_port is None:
         ctx.log("set extra_config.metrics_port to export this process's metrics; exiting")
         return 0
