@@ -245,7 +245,8 @@ def test_bare_command_prints_the_usage_with_examples_and_exit_2() -> None:
 def test_options_without_an_action_say_which_actions_exist() -> None:
     result = cli("--allow-insecure")
     assert result.returncode == 2
-    assert result.stderr == "error: missing action: run or list (see plugin-launcher --help)\n"
+    assert result.stderr == ("error: missing action: run, list or ctl "
+                             "(see plugin-launcher --help)\n")
 
 
 @pytest.mark.parametrize("action", [[], ["run"], ["list"]], ids=["top", "run", "list"])

@@ -49,7 +49,7 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if "required: action" in message:  # argparse's wording for a missing sub-command
-            message = "missing action: run or list (see plugin-launcher --help)"
+            message = "missing action: run, list or ctl (see plugin-launcher --help)"
         raise UsageError(message)
 
 
