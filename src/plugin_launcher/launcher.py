@@ -286,7 +286,10 @@ class PluginLauncher:
 
         def cancel() -> None:
             if supervisor.alive:
-                supervisor.call(lambda: supervisor.remove_tap(name, tap))
+                try:
+                    supervisor.call(lambda: supervisor.remove_tap(name, tap))
+                except RuntimeError:
+                    pass  # the loop ended meanwhile: its taps went with it
 
         return cancel
 
