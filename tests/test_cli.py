@@ -122,7 +122,9 @@ def test_list_json(doc_plugins: Path) -> None:
     assert entries["scheduler_foo_plugin.py"]["command"] is None
 
 
-def test_config_file_locations_plus_plugin_location_and_env_ignored(tmp_path: Path) -> None:
+def test_environment_wins_over_file_then_plugin_location_adds(tmp_path: Path) -> None:
+    """LMCache's precedence: the file, then each LMCACHE_* variable that is set, key by key;
+    --plugin-location adds to the result."""
     from_file = safe_dir(tmp_path / "from_file")
     from_flag = safe_dir(tmp_path / "from_flag")
     from_env = safe_dir(tmp_path / "from_env")
@@ -136,12 +138,15 @@ def test_config_file_locations_plus_plugin_location_and_env_ignored(tmp_path: Pa
     listed = cli("list", "--json", "--config", str(config), "--role", "worker",
                  "--plugin-location", str(from_flag), env=env)
     assert listed.returncode == 0, listed.stderr
-    assert [e["name"] for e in json.loads(listed.stdout)] == ["all_file.sh", "all_flag.sh"]
+    assert [e["name"] for e in json.loads(listed.stdout)] == ["all_env.sh", "all_flag.sh"]
 
     ran = cli("run", "--config", str(config), "--role", "worker",
               "--plugin-location", str(from_flag), env=env)
     assert ran.returncode == 0, ran.stderr
-    assert stdout_lines(ran) == {"all_file.sh": ["file"], "all_flag.sh": ["flag"]}
+    assert stdout_lines(ran) == {"all_env.sh": ["env"], "all_flag.sh": ["flag"]}
+    without = cli("list", "--json", "--config", str(config), "--role", "worker",
+                  env=clean_env())
+    assert [e["name"] for e in json.loads(without.stdout)] == ["all_file.sh"]
 
     only_env = cli("list", "--json", "--role", "worker", env=env)  # no file: env is used
     assert [e["name"] for e in json.loads(only_env.stdout)] == ["all_env.sh"]
@@ -207,7 +212,7 @@ def bad_input_cases(tmp_path: Path, plugin_dir: Path) -> dict[str, tuple[list[st
         "malformed-yaml": (["--config", str(malformed), "--role", "worker"],
                            ["malformed.yaml", "YAML"]),
         "role-with-underscore": ([*location, "--role", "my_role"], ["--role", "my_role"]),
-        "negative-worker-id": ([*location, "--role", "worker", "--worker-id", "-1"],
+        "negative-worker-id": ([*location, "--role", "worker", "--worker-id", "-2"],
                                ["--worker-id"]),
         "non-numeric-worker-count": ([*location, "--role", "worker", "--worker-count", "two"],
                                      ["--worker-count", "two"]),

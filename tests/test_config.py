@@ -166,25 +166,43 @@ def test_locations_variable_with_non_paths_names_the_variable(value: str) -> Non
     assert "LMCACHE_PLUGIN_LOCATIONS" in str(info.value)
 
 
-def test_file_given_ignores_the_environment_variables(tmp_path: Path) -> None:
-    path = write(tmp_path, "plugin_locations: [/from/file]\n")
+def test_environment_variables_win_over_the_file_key_by_key(tmp_path: Path) -> None:
+    """LMCache's rule in 0.3 and 0.5 alike: from_file, then update_config_from_env."""
+    path = write(tmp_path, "plugin_locations: [/from/file]\nextra_config: {k: v}\nother: 1\n")
     env = {"LMCACHE_PLUGIN_LOCATIONS": "/from/env", "LMCACHE_EXTRA_CONFIG": '{"env": 1}'}
     config = load_config(path, env=env)
-    assert config.plugin_locations == ["/from/file"]
-    assert config.extra_config == {}
+    assert config.plugin_locations == ["/from/env"]
+    assert config.extra_config == {"env": 1}
+    assert json.loads(config.to_json())["other"] == 1
+    assert load_config(path, env={"LMCACHE_EXTRA_CONFIG": '{"env": 1}'}).plugin_locations == [
+        "/from/file"]
 
 
-def test_file_given_ignores_even_broken_environment_variables(tmp_path: Path) -> None:
+def test_runtime_plugin_locations_in_file_and_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "runtime_plugin_locations: [/new]\nplugin_locations: [/old, /new]\n")
+    config = load_config(path, env={})
+    assert config.plugin_locations == ["/new", "/old"]
+    data = json.loads(config.to_json())
+    assert data["runtime_plugin_locations"] == data["plugin_locations"] == ["/new", "/old"]
+    config = load_config(path, env={"LMCACHE_RUNTIME_PLUGIN_LOCATIONS": '["/a", "/b"]'})
+    assert config.plugin_locations == ["/a", "/b"]
+    assert "plugin_locations" not in json.loads(config.to_json())
+    config = load_config(env={"LMCACHE_RUNTIME_PLUGIN_LOCATIONS": "/a,/b",
+                              "LMCACHE_PLUGIN_LOCATIONS": "/c"})
+    assert config.plugin_locations == ["/a", "/b", "/c"]
+
+
+def test_broken_environment_variable_is_an_error_naming_it(tmp_path: Path) -> None:
     path = write(tmp_path, "plugin_locations: [/from/file]\n")
-    config = load_config(path, env={"LMCACHE_EXTRA_CONFIG": "[broken",
-                                    "LMCACHE_PLUGIN_LOCATIONS": "[1]"})
-    assert config.plugin_locations == ["/from/file"]
+    with pytest.raises(ConfigError, match="^LMCACHE_PLUGIN_LOCATIONS: expected a list"):
+        load_config(path, env={"LMCACHE_PLUGIN_LOCATIONS": "[1]"})
+    with pytest.raises(ConfigError, match="^LMCACHE_EXTRA_CONFIG: malformed JSON"):
+        load_config(path, env={"LMCACHE_EXTRA_CONFIG": "[broken"})
 
 
 def test_config_file_variable_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "plugin_locations: [/from/file]\nextra_config: {k: v}\n")
-    config = load_config(env={"LMCACHE_CONFIG_FILE": path,
-                              "LMCACHE_PLUGIN_LOCATIONS": "/from/env"})
+    config = load_config(env={"LMCACHE_CONFIG_FILE": path})
     assert config.plugin_locations == ["/from/file"]
     assert config.extra_config == {"k": "v"}
     assert config.source == path
@@ -446,7 +464,7 @@ def test_lmcache_like_object_whose_json_is_not_an_object() -> None:
 def test_other_objects_are_a_type_error(value: Any) -> None:
     with pytest.raises(TypeError) as info:
         coerce_config(value)
-    assert "plugin_locations and to_json()" in str(info.value)
+    assert "to_json() and runtime_plugin_locations" in str(info.value)
 
 
 json_values = st.recursive(

@@ -158,7 +158,7 @@ def _count(value: str, flag: str, minimum: int) -> int | str | None:
         return AUTO
     if minimum == 0 and text in ("none", "-1"):
         return None
-    if not (text.isascii() and text.isdigit()) or len(text) > 9 or int(text) < minimum:
+    if not (text.isascii() and text.isdigit()) or len(text) > 4000 or int(text) < minimum:
         more = ", 'none' or -1" if minimum == 0 else ""
         raise UsageError(f"{flag}: expected an integer >= {minimum}, 'auto'{more}; got {value!r}")
     return int(text)

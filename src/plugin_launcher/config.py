@@ -7,6 +7,7 @@ itself reads are checked here so a mistake is one clear line naming the file and
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,10 +18,14 @@ import yaml
 from .options import OptionError, OptionTable, parse_options
 
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+LOCATION_KEYS = ("runtime_plugin_locations", "plugin_locations")
 LOCATIONS_ENV = "LMCACHE_PLUGIN_LOCATIONS"
+RUNTIME_LOCATIONS_ENV = "LMCACHE_RUNTIME_PLUGIN_LOCATIONS"
 EXTRA_CONFIG_ENV = "LMCACHE_EXTRA_CONFIG"
 MAX_CONFIG_BYTES = 16 << 20
+log = logging.getLogger("plugin_launcher.config")
 MAX_CONFIG_NODES = 1_000_000
+MAX_CONFIG_DEPTH = 100  # nesting levels; deeper would overflow the YAML or JSON recursion
 
 
 class ConfigError(Exception):
@@ -53,20 +58,43 @@ class LauncherConfig:
 def _count_nodes(value: Any, source: str) -> None:
     """Refuse alias bombs: YAML shares aliased nodes, JSON (what plugins get) would expand them."""
     count = 0
-    stack = [value]
+    stack = [(value, 0)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         count += 1
         if count > MAX_CONFIG_NODES:
             raise ConfigError(
                 f"{source}: configuration expands to more than {MAX_CONFIG_NODES:,} values "
                 "(YAML alias bomb?)"
             )
+        if depth > MAX_CONFIG_DEPTH:
+            raise _too_deep(source)
         if isinstance(item, Mapping):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            stack.extend((key, depth + 1) for key in item.keys())
+            stack.extend((sub, depth + 1) for sub in item.values())
         elif isinstance(item, (list, tuple)):
-            stack.extend(item)
+            stack.extend((sub, depth + 1) for sub in item)
+
+
+def _too_deep(source: str) -> ConfigError:
+    return ConfigError(f"{source}: configuration is nested more than {MAX_CONFIG_DEPTH} levels "
+                       "deep")
+
+
+def _locations(data: Mapping[str, Any], source: str) -> list[str]:
+    """``runtime_plugin_locations`` (LMCache 0.4+) and ``plugin_locations`` (its older name, still
+    read by LMCache as an alias): both are read, in that order, each path once."""
+    found: list[str] = []
+    for key in LOCATION_KEYS:
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+            raise ConfigError(f"{source}: {key}: expected a list of paths, got {data[key]!r}")
+        found.extend(x for x in value if x not in found)
+    return found
 
 
 def from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> LauncherConfig:
@@ -76,14 +104,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> LauncherCon
         raise ConfigError(f"{source}: expected a mapping at the top level, got {kind}")
     data = dict(data)
     _count_nodes(data, source)
-    locations = data.get("plugin_locations")
-    if locations is None:
-        locations = []
-    elif isinstance(locations, str):
-        locations = [locations]
-    if not isinstance(locations, list) or not all(isinstance(x, str) and x for x in locations):
-        got = data["plugin_locations"]
-        raise ConfigError(f"{source}: plugin_locations: expected a list of paths, got {got!r}")
+    locations = _locations(data, source)
     extra = data.get("extra_config")
     if extra is None:
         extra = {}
@@ -100,14 +121,19 @@ def from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> LauncherCon
         options = parse_options(data.get("plugin_options"))
     except OptionError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    data["plugin_locations"] = locations
+    present = [key for key in LOCATION_KEYS if key in data] or ["plugin_locations"]
+    for key in present:  # the keys the user wrote, each with the whole list
+        data[key] = list(locations)
     data["extra_config"] = dict(extra)
     try:
         json.dumps(data, default=str)
+    except RecursionError:
+        raise _too_deep(source) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: cannot be passed to plugins as JSON: {exc}") from None
     return LauncherConfig(
-        plugin_locations=list(locations),
+        # searched as absolute paths, resolved now: a later chdir() of the host cannot move them
+        plugin_locations=[os.path.abspath(x) for x in locations],
         extra_config=dict(extra),
         data=data,
         source=source,
@@ -128,6 +154,8 @@ def load_file(path: str | os.PathLike[str]) -> LauncherConfig:
         raise ConfigError(f"{path}: configuration is larger than {MAX_CONFIG_BYTES >> 20} MiB")
     try:
         data = yaml.safe_load(raw)
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise _too_deep(path) from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
@@ -141,17 +169,30 @@ def load_file(path: str | os.PathLike[str]) -> LauncherConfig:
     return from_mapping(data, path)
 
 
-def _from_env(env: Mapping[str, str]) -> LauncherConfig:
-    data: dict[str, Any] = {}
-    raw = env.get(LOCATIONS_ENV, "").strip()
-    if raw:
+def _env_locations(env: Mapping[str, str]) -> dict[str, list[str]]:
+    """LMCACHE_RUNTIME_PLUGIN_LOCATIONS and LMCACHE_PLUGIN_LOCATIONS (a JSON list or
+    comma-separated paths each), under the configuration key each one stands for."""
+    found: dict[str, list[str]] = {}
+    for name, key in ((RUNTIME_LOCATIONS_ENV, LOCATION_KEYS[0]), (LOCATIONS_ENV, LOCATION_KEYS[1])):
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
         if raw.startswith("["):
             try:
-                data["plugin_locations"] = json.loads(raw)
+                value = json.loads(raw)
             except ValueError as exc:
-                raise ConfigError(f"{LOCATIONS_ENV}: malformed JSON list: {exc}") from None
+                raise ConfigError(f"{name}: malformed JSON list: {exc}") from None
+            if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+                raise ConfigError(f"{name}: expected a list of paths, got {value!r}")
         else:
-            data["plugin_locations"] = [p.strip() for p in raw.split(",") if p.strip()]
+            value = [p.strip() for p in raw.split(",") if p.strip()]
+        found[key] = value
+    return found
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    overrides.update(_env_locations(env))
     raw = env.get(EXTRA_CONFIG_ENV, "").strip()
     if raw:
         try:
@@ -161,29 +202,37 @@ def _from_env(env: Mapping[str, str]) -> LauncherConfig:
         if not isinstance(extra, dict):
             kind = type(extra).__name__
             raise ConfigError(f"{EXTRA_CONFIG_ENV}: expected a JSON object, got {kind}")
-        data["extra_config"] = extra
-    locations = data.get("plugin_locations")
-    if locations is not None and not (
-        isinstance(locations, list) and all(isinstance(x, str) and x for x in locations)
-    ):
-        raise ConfigError(f"{LOCATIONS_ENV}: expected a list of paths, got {locations!r}")
-    return from_mapping(data, "environment")
+        overrides["extra_config"] = extra
+    return overrides
 
 
 def load_config(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> LauncherConfig:
-    """The file at ``path``, else the file named by LMCACHE_CONFIG_FILE, else the env variables.
+    """The file at ``path`` (else the one named by LMCACHE_CONFIG_FILE), then the environment.
 
-    As in LMCache, when a file is given the LMCACHE_PLUGIN_LOCATIONS / LMCACHE_EXTRA_CONFIG
-    variables are ignored.
+    LMCache's rule (0.3 and 0.5 alike: ``from_file`` then ``update_config_from_env``): a variable
+    that is set wins over the file's key, key by key: LMCACHE_RUNTIME_PLUGIN_LOCATIONS /
+    LMCACHE_PLUGIN_LOCATIONS over the locations, LMCACHE_EXTRA_CONFIG over ``extra_config``.
     """
     env = os.environ if env is None else env
     if path is None:
         path = env.get(CONFIG_FILE_ENV) or None
-    if path is not None:
-        return load_file(path)
-    return _from_env(env)
+    overrides = _env_overrides(env)
+    if path is None:
+        return from_mapping(overrides, "environment")
+    config = load_file(path)
+    if not overrides:
+        return config
+    data = dict(config.data)
+    if any(key in overrides for key in LOCATION_KEYS):
+        for key in LOCATION_KEYS:  # the variables replace the file's list, whichever key held it
+            data.pop(key, None)
+    for key in overrides:
+        if key in config.data or key in LOCATION_KEYS:
+            log.info("%s: %s is taken from the environment (the environment wins, as in "
+                     "LMCache)", config.source, key)
+    return from_mapping({**data, **overrides}, config.source)
 
 
 def coerce_config(config: Any) -> LauncherConfig:
@@ -192,21 +241,30 @@ def coerce_config(config: Any) -> LauncherConfig:
         return config
     if isinstance(config, Mapping):
         return from_mapping(config)
-    if hasattr(config, "plugin_locations") and hasattr(config, "to_json"):
+    if hasattr(config, "to_json") and any(hasattr(config, key) for key in LOCATION_KEYS):
         config_json = config.to_json()
+        if not isinstance(config_json, str):
+            raise TypeError(f"{type(config).__name__}.to_json() returned "
+                            f"{type(config_json).__name__}, not str")
         try:
             data = json.loads(config_json)
-        except (TypeError, ValueError):
+        except ValueError:
             data = {}
         if not isinstance(data, dict):
             data = {}
-        data["plugin_locations"] = config.plugin_locations or []
+        for key in LOCATION_KEYS:  # the object's attributes are the truth, not its JSON
+            data.pop(key, None)
+            value = getattr(config, key, None)
+            if value:
+                data[key] = [value] if isinstance(value, str) else list(value)
         extra = getattr(config, "extra_config", None)
-        if extra is not None:
-            data["extra_config"] = extra
+        if isinstance(extra, Mapping):
+            data["extra_config"] = dict(extra)
+        else:
+            data.pop("extra_config", None)
         parsed = from_mapping(data, type(config).__name__)
-        return replace(parsed, config_json=config_json)
+        return replace(parsed, config_json=config_json)  # plugins get to_json() byte for byte
     raise TypeError(
-        "config must be a LauncherConfig, a mapping, "
-        "or an object with plugin_locations and to_json()"
+        "config must be a LauncherConfig, a mapping, or an object with to_json() and "
+        "runtime_plugin_locations (LMCache 0.4+) or plugin_locations (LMCache 0.3)"
     )

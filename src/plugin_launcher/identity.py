@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 SOURCES: tuple[tuple[str, str, str | None], ...] = (
     ("torchrun", "RANK", "WORLD_SIZE"),
@@ -18,6 +19,11 @@ SOURCES: tuple[tuple[str, str, str | None], ...] = (
     ("pmi", "PMI_RANK", "PMI_SIZE"),
     ("kubernetes", "JOB_COMPLETION_INDEX", None),
 )
+
+
+# One default for the CLI and the API, so `list --role worker` and PluginLauncher(...) agree.
+DEFAULT_WORKER_ID = 0
+DEFAULT_WORKER_COUNT = 1
 
 
 class IdentityError(ValueError):
@@ -50,3 +56,25 @@ def detect_worker_identity(env: Mapping[str, str] | None = None) -> Identity:
         return Identity(rank, size, source)
     tried = ", ".join(v for _, rank, size in SOURCES for v in (rank, size) if v)
     raise IdentityError(f"no worker identity found in the environment (tried {tried})")
+
+
+AUTO = "auto"
+
+
+def resolve_identity(
+    worker_id: Any, worker_count: Any, env: Mapping[str, str] | None = None
+) -> tuple[Any, Any]:
+    """Replace ``"auto"`` by the rank and size of the cluster launcher (the one rule the CLI's
+    ``--worker-id auto`` and the API's ``detect=True`` share); other values pass unchanged."""
+    if worker_id != AUTO and worker_count != AUTO:
+        return worker_id, worker_count
+    identity = detect_worker_identity(env)
+    if worker_id == AUTO:
+        worker_id = identity.worker_id
+    if worker_count == AUTO:
+        if identity.worker_count is None:
+            raise IdentityError(f"{identity.source} gives only the worker ID "
+                                "(JOB_COMPLETION_INDEX); pass --worker-count N "
+                                "(worker_count=N in Python)")
+        worker_count = identity.worker_count
+    return worker_id, worker_count

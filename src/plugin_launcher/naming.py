@@ -19,8 +19,13 @@ class Target:
     role: str
     worker_id: int | None = None
 
-    def mismatch(self, role: str, worker_id: int | None) -> str | None:
-        """Why a process of ``role``/``worker_id`` does not run this plugin, or None if it does."""
+    def mismatch(self, role: str | None, worker_id: int | None) -> str | None:
+        """Why a process of ``role``/``worker_id`` does not run this plugin, or None if it does.
+
+        ``role`` None is a process without a role (LMCache's MP server): every file runs there.
+        """
+        if role is None:
+            return None
         if not self.role:
             return "file name has no role"
         if self.role != ALL_ROLES and self.role != role.upper():
