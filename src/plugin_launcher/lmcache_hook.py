@@ -24,8 +24,13 @@ BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boots
 Replacements = Mapping[str, tuple[str, type]]
 _lock = threading.RLock()
 _patched: list[tuple[ModuleType, str, Any]] = []  # (module, attribute, LMCache's original)
-_originals: dict[str, type] = {}  # target module -> LMCache's class
+_originals: dict[type, Any] = {}  # our class -> LMCache's class it replaced
 _finder: _PatchingFinder | None = None
+
+
+def _lmcache_modules() -> list[ModuleType]:
+    return [m for n, m in list(sys.modules.items())
+            if m is not None and (n == "lmcache" or n.startswith("lmcache."))]
 
 
 def _patch_module(module: ModuleType, replacements: Replacements) -> None:
@@ -34,9 +39,8 @@ def _patch_module(module: ModuleType, replacements: Replacements) -> None:
     original = module.__dict__.get(name)
     if original is None or original is ours:
         return
-    _originals[module.__name__] = original
-    for holder in [m for n, m in list(sys.modules.items())
-                   if m is not None and (n == "lmcache" or n.startswith("lmcache."))]:
+    _originals[ours] = original
+    for holder in _lmcache_modules():
         for attr, value in list(vars(holder).items()):
             if value is original:
                 setattr(holder, attr, ours)
@@ -124,6 +128,11 @@ def uninstall() -> None:
         while _patched:
             module, attr, original = _patched.pop()
             setattr(module, attr, original)
+        # modules imported after install() took our class by name: give them LMCache's back
+        for holder in _lmcache_modules():
+            for attr, value in list(vars(holder).items()):
+                if isinstance(value, type) and value in _originals:
+                    setattr(holder, attr, _originals[value])
         _originals.clear()
 
 

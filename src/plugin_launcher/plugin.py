@@ -44,7 +44,10 @@ __all__ = [
     "run",
 ]
 
+PREFIX = "LMCACHE_PLUGIN_"
+RUNTIME_PREFIX = "LMCACHE_RUNTIME_PLUGIN_"
 ENV_ROLE = "LMCACHE_PLUGIN_ROLE"
+ENV_CONFIG_FILE = "LMCACHE_PLUGIN_CONFIG_FILE"
 ENV_CONFIG = "LMCACHE_PLUGIN_CONFIG"
 ENV_WORKER_ID = "LMCACHE_PLUGIN_WORKER_ID"
 ENV_WORKER_COUNT = "LMCACHE_PLUGIN_WORKER_COUNT"
@@ -147,11 +150,13 @@ class PluginContext:
         SIGINT handlers that set :attr:`stopping` are installed on its first use, and by default
         only when reading the real environment (tests pass a mapping and keep their handlers).
         """
-        env = os.environ if environ is None else environ
+        env = _with_runtime_names(os.environ if environ is None else environ)
         errors: list[str] = []
         role = (env.get(ENV_ROLE) or "").strip().upper()
-        if not role:
-            errors.append(f"{ENV_ROLE}: not set" if ENV_ROLE not in env else f"{ENV_ROLE}: empty")
+        if ENV_ROLE not in env:
+            errors.append(f"{ENV_ROLE}: not set")
+        elif not role and env[ENV_ROLE]:  # "" is LMCache's MP server (no role); "  " a mistake
+            errors.append(f"{ENV_ROLE}: empty")
 
         def check(fn: Callable[[], T], fallback: T) -> T:
             try:
@@ -166,7 +171,7 @@ class PluginContext:
         parent_pid: int | None = None
         if raw_pid is not None and raw_pid.strip():
             parent_pid = check(lambda: _parse_int(ENV_PARENT_PID, raw_pid, 1), None)
-        config: dict[str, Any] = check(lambda: _parse_config(env.get(ENV_CONFIG)), {})
+        config: dict[str, Any] = check(lambda: _parse_config(_config_text(env)), {})
         extra = config.get("extra_config")
         if extra is None:
             extra = {}
@@ -424,6 +429,29 @@ def _json_type(value: object) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
         value.__class__, "a number" if isinstance(value, (int, float)) else "null"
     )
+
+
+def _with_runtime_names(env: Mapping[str, str]) -> Mapping[str, str]:
+    """LMCache 0.4+ names (``LMCACHE_RUNTIME_PLUGIN_*``) stand in for missing 0.3 ones, so the kit
+    works under LMCache's own launcher of either era as well as under ours."""
+    missing = {name: env[RUNTIME_PREFIX + name[len(PREFIX):]] for name in
+               (ENV_ROLE, ENV_CONFIG, ENV_WORKER_ID, ENV_WORKER_COUNT, ENV_CONFIG_FILE)
+               if name not in env and RUNTIME_PREFIX + name[len(PREFIX):] in env}
+    return {**env, **missing} if missing else env
+
+
+def _config_text(env: Mapping[str, str]) -> str | None:
+    """The whole configuration: from the file the launcher wrote when it was too large for one
+    environment variable (Linux's 128 KiB limit), else from ``LMCACHE_PLUGIN_CONFIG``."""
+    path = env.get(ENV_CONFIG_FILE)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as exc:
+            raise PluginEnvironmentError(
+                f"{ENV_CONFIG_FILE}: cannot read {path}: {exc.strerror}") from None
+    return env.get(ENV_CONFIG)
 
 
 def _parse_config(raw: str | None) -> dict[str, Any]:
