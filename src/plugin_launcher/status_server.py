@@ -1,7 +1,9 @@
 """``GET /status`` (JSON) and ``GET /metrics`` (Prometheus) for a running launcher.
 
-One plain ``HTTPServer`` thread: requests are rare and small, and a threading server would add a
-thread per scrape to a process that promises to add at most three.
+A threaded server, so an idle or slow client cannot hold up everyone else: each connection gets
+a daemon thread and a socket timeout, at most ``MAX_HANDLERS`` run at once (a connection beyond
+that waits in the listen queue, and is closed if no handler frees up within ``SLOT_WAIT``).
+Handlers serve the snapshot the supervisor publishes, so they never wait for its thread.
 """
 
 from __future__ import annotations
@@ -10,11 +12,51 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any
 
 log = logging.getLogger("plugin_launcher.status")
 StatusFn = Callable[[], list[dict[str, Any]]]
+CLIENT_TIMEOUT = 5.0  # seconds a client may take per read or write before it is dropped
+MAX_HANDLERS = 64  # connections served at once
+SLOT_WAIT = 1.0  # how long a new connection may wait for a free handler before it is closed
+LISTEN_BACKLOG = 1024  # connections the kernel queues for us (capped by net.core.somaxconn)
+
+
+def label_text(text: str) -> str:
+    """A name as valid UTF-8 text: bytes of a non-UTF-8 file name become ``\\xff`` escapes
+    (distinct names stay distinct, which a Prometheus label needs)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class StatusHTTPServer(ThreadingHTTPServer):
+    """Daemon handler threads, a bounded number of them, and a deep listen queue."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_HANDLERS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(timeout=SLOT_WAIT):  # every handler busy with slow clients
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("status request from %s failed", client_address, exc_info=True)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -45,7 +87,7 @@ def render_metrics(status: list[dict[str, Any]]) -> bytes:
             state = GaugeMetricFamily("plugin_state", "1 for the plugin's current state",
                                       labels=["plugin", "state"])
             for entry in status:
-                name = entry["name"]
+                name = label_text(entry["name"])
                 up.add_metric([name], 1.0 if entry["state"] in ("running", "stopping") else 0.0)
                 restarts.add_metric([name], entry["restarts"])
                 lines.add_metric([name], entry["output_lines"])
@@ -61,6 +103,8 @@ def serve_status(status: StatusFn, host: str, port: int) -> HTTPServer:
     """Serve in a daemon thread; returns the server (``server.server_address`` has the port)."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = CLIENT_TIMEOUT  # an idle or slow client is dropped, never waited for
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]
             if path == "/status":
@@ -81,7 +125,7 @@ def serve_status(status: StatusFn, host: str, port: int) -> HTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("status request: " + format, *args)
 
-    server = HTTPServer((host, port), Handler)
+    server = StatusHTTPServer((host, port), Handler)
     thread = threading.Thread(target=server.serve_forever, name="plugin-status", daemon=True)
     thread.start()
     return server
