@@ -379,8 +379,8 @@ def add_ctl_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> Non
                      help="the launcher's control socket (default: from --role/--worker-id, "
                      "else the only socket in the default folder)")
     ctl.add_argument("--role", help="role of the launcher to control (picks the default path)")
-    ctl.add_argument("--worker-id", type=int, default=None, metavar="N",
-                     help="its worker ID (default 0)")
+    ctl.add_argument("--worker-id", default=None, metavar="N|none",
+                     help="its worker ID (default 0; none or -1: a launcher without one)")
     ops = ctl.add_subparsers(dest="op", required=True, parser_class=parser_class)
     status = ops.add_parser("status", help="every plugin's state, PID and restarts")
     status.add_argument("--json", action="store_true", help="print the launcher's JSON reply")
@@ -409,7 +409,12 @@ def control_path(args: argparse.Namespace, usage: Callable[[str], Exception]) ->
             role = check_role(args.role)
         except ValueError as exc:
             raise usage(f"--role: {exc}") from None
-        return default_path(role, 0 if args.worker_id is None else args.worker_id)
+        worker = (args.worker_id or "0").strip().lower()
+        if worker in ("none", "-1"):
+            return default_path(role, None)
+        if not (worker.isascii() and worker.isdigit()):
+            raise usage(f"--worker-id: expected an integer, 'none' or -1; got {args.worker_id!r}")
+        return default_path(role, int(worker))
     folder = default_folder()
     try:
         found = sorted(f for f in os.listdir(folder) if f.endswith(".sock"))
