@@ -364,6 +364,18 @@ def installed() -> bool:
     return lmcache_hook.installed()
 
 
+USAGE = """\
+usage: plugin-launcher-lmcache COMMAND [ARG]...
+       plugin-launcher-lmcache --pythonpath
+
+Runs COMMAND with plugin-launcher in place of LMCache's plugin launcher in every
+Python process it starts (through PYTHONPATH and a chained sitecustomize).
+Without a wrapper: PYTHONPATH=$(plugin-launcher-lmcache --pythonpath) COMMAND
+
+example:
+  plugin-launcher-lmcache vllm serve Qwen/Qwen3-8B --kv-transfer-config '{...}'"""
+
+
 def main(argv: list[str] | None = None) -> int:
     """``plugin-launcher-lmcache COMMAND [ARG]...``: run COMMAND (e.g. ``vllm serve ...``) with
     the drop-in installed in every Python process it starts, with no edit of any file."""
@@ -372,13 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         print(lmcache_hook.bootstrap_pythonpath(os.environ.get("PYTHONPATH", "")))
         return 0
     if not args or args[0] in ("-h", "--help"):
-        print("usage: plugin-launcher-lmcache COMMAND [ARG]...\n"
-              "       plugin-launcher-lmcache --pythonpath\n\n"
-              "Runs COMMAND with plugin-launcher in place of LMCache's plugin launcher in every\n"
-              "Python process it starts (through PYTHONPATH and a chained sitecustomize).\n"
-              "Without a wrapper: PYTHONPATH=$(plugin-launcher-lmcache --pythonpath) COMMAND\n\n"
-              "example:\n  plugin-launcher-lmcache vllm serve Qwen/Qwen3-8B "
-              "--kv-transfer-config '{...LMCacheConnectorV1...}'")
+        print(USAGE, file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
     env = dict(os.environ)
     env["PYTHONPATH"] = lmcache_hook.bootstrap_pythonpath(env.get("PYTHONPATH", ""))
