@@ -158,7 +158,8 @@ BAD = [
     ({"backoff": {"initial": 120}}, "backoff.max", "must be >= backoff.initial"),
 ]
 KNOWN = ("backoff, cpu_time_max, log_backups, log_file, log_max_bytes, max_restarts, "
-         "memory_max, nice, open_files_max, restart, stop_timeout, timeout")
+         "memory_max, nice, open_files_max, ready, ready_timeout, restart, scope, scope_key, "
+         "stop_timeout, timeout, watchdog")
 BAD += [
     ({"restrat": "always"}, "restrat", f"unknown option (known: {KNOWN})"),
     ({"backoff_initial": 1}, "backoff_initial", f"unknown option (known: {KNOWN})"),

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 RESTART_POLICIES = ("never", "on-failure", "always")
+READY_MODES = ("notify",)  # `ready: notify`: starting until READY=1 (sd_notify)
+SCOPES = ("process", "host")  # `scope: host`: one launcher on the host runs it
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # Bounds on every duration (seconds): an absurd value is a typo, and inf or years would overflow
@@ -22,6 +24,9 @@ MAX_DURATION = 30 * 24 * 3600.0  # timeout, backoff.max, backoff.reset: 30 days
 MAX_STOP_TIMEOUT = 3600.0  # stop_timeout / --stop-timeout: 1 hour
 MIN_BACKOFF = 0.05  # backoff.initial
 MAX_CPU_TIME = 10 * 365 * 24 * 3600  # cpu_time_max: 10 years of CPU seconds
+MIN_WATCHDOG = 0.1  # watchdog, ready_timeout: a shorter period could not be met reliably
+MAX_SCOPE_KEY = 200  # characters of scope_key (it names a lock file)
+DEFAULT_READY_TIMEOUT = 90.0  # systemd's default TimeoutStartSec
 
 
 class OptionError(ValueError):
@@ -44,6 +49,11 @@ class PluginOptions:
     log_file: str | None = None  # template: {name}, {role}, {worker_id}
     log_max_bytes: int = 10 << 20  # 0: never rotate
     log_backups: int = 5
+    ready: str | None = None  # "notify": starting until READY=1
+    ready_timeout: float = DEFAULT_READY_TIMEOUT  # with ready: notify; then a failure
+    watchdog: float | None = None  # seconds between WATCHDOG=1 pets; a miss is a failure
+    scope: str = "process"  # "host": one launcher of the host runs it, the others stand by
+    scope_key: str | None = None  # tells apart groups of launchers on one host
 
     @property
     def has_limits(self) -> bool:
@@ -151,6 +161,20 @@ def check_log_file(key: str, value: Any) -> str | None:
     return value
 
 
+def check_scope_key(key: str, value: Any) -> str | None:
+    """A ``scope_key``: non-empty text without NUL or control characters, at most
+    MAX_SCOPE_KEY characters (it becomes part of a lock file's name)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_SCOPE_KEY or any(
+            ord(c) < 32 or ord(c) == 127 for c in value):
+        raise OptionError(f"{key}: expected a short name (at most {MAX_SCOPE_KEY} printable "
+                          f"characters), got {_shown(value)}")
+    return value
+
+
 def _apply(base: PluginOptions, raw: Mapping[str, Any], where: str) -> PluginOptions:
     known = {f.name for f in fields(PluginOptions) if not f.name.startswith("backoff_")}
     known.add("backoff")
@@ -196,6 +220,22 @@ def _apply(base: PluginOptions, raw: Mapping[str, Any], where: str) -> PluginOpt
             changes[key] = 0 if never else parse_size(name, value)
         elif key == "log_backups":
             changes[key] = _integer(name, value, minimum=0, maximum=1000)
+        elif key == "ready":
+            if value not in (None, *READY_MODES):
+                raise OptionError(f"{name}: expected notify or null, got {_shown(value)}")
+            changes[key] = value
+        elif key == "ready_timeout":
+            changes[key] = _duration(name, value, MIN_WATCHDOG, MAX_DURATION)
+        elif key == "watchdog":
+            changes[key] = None if value is None else _duration(name, value, MIN_WATCHDOG,
+                                                                MAX_DURATION)
+        elif key == "scope":
+            if value not in SCOPES:
+                raise OptionError(f"{name}: expected one of {', '.join(SCOPES)}, "
+                                  f"got {_shown(value)}")
+            changes[key] = value
+        elif key == "scope_key":
+            changes[key] = check_scope_key(name, value)
     result = replace(base, **changes)
     if result.backoff_max < result.backoff_initial:
         raise OptionError(f"{where}.backoff.max: must be >= backoff.initial")
