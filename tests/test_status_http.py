@@ -121,7 +121,7 @@ def test_status_and_metrics_over_http_while_plugins_run(launcher: Any, tmp_path:
     assert re.search(r'^plugin_restarts_total\{plugin="all_crasher.sh"\} \d+\.0$', body, re.M)
     assert re.search(r'^plugin_output_lines_total\{plugin="all_ticker.sh"\} \d+\.0$', body, re.M)
 
-    for path in ("/", "/nope", "/status/extra", "/metricsx"):
+    for path in ("/nope", "/status/extra", "/metricsx", "/index.html"):
         assert fetch(port, path)[0] == 404, path
     assert fetch(port, "/status?pretty=1")[0] == 200
     stop(proc, tmp_path)
