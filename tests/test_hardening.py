@@ -555,6 +555,8 @@ def test_status_never_waits_for_a_busy_supervisor(
     write_plugin(plugin_dir, "all_a.sh", SLEEPER)
     launcher = start(PluginLauncher({"plugin_locations": [str(plugin_dir)]}, ROLE), launchers)
     pid = wait_running(launcher, "all_a.sh", tracker)
+    # the snapshot trails the state by up to 0.2 s (starting -> running): let it catch up
+    wait_for(lambda: launcher.status_snapshot()[0]["state"] == "running", 5, message="snapshot")
     server = serve_status(launcher.status_snapshot, "127.0.0.1", 0)
     supervisor = launcher._supervisor
     assert supervisor is not None

@@ -32,6 +32,7 @@ from .identity import (
 )
 from .launcher import PluginLauncher, check_role
 from .logs import JsonFormatter, JsonSink
+from .machine import describe_returncode, shell_status
 from .options import OptionError, check_stop_timeout
 from .output import StreamSink, safe_logger, safe_name
 from .plan import Plan
@@ -292,7 +293,8 @@ def _start_command(command: list[str]) -> subprocess.Popen[bytes]:
 
 
 def exit_code_for(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
+    """A return code as a shell exit status (128+N for signal N): machine.shell_status."""
+    return shell_status(returncode)
 
 
 def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
@@ -431,8 +433,6 @@ def _stop_with_feedback(launcher: PluginLauncher, selector: selectors.BaseSelect
 
 
 def _describe(code: int) -> str:
-    from .process import describe_returncode
-
     return describe_returncode(code)
 
 

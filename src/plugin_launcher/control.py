@@ -448,10 +448,12 @@ def _print_status(reply: dict[str, Any]) -> None:
     print(f"{'PLUGIN':<{width}}  {'STATE':<8}  {'PID':>7}  {'RESTARTS':>8}  DETAIL")
     for p in plugins:
         detail = p.get("error") or ""
-        if not detail and p.get("returncode") is not None and p["state"] != "running":
+        if not detail and p.get("returncode") is not None and p["state"] not in (
+                "starting", "running"):
             detail = (f"signal {p['signal']}" if p.get("signal")
                       else f"exit code {p['returncode']}")
-        pid = "-" if p.get("pid") is None or p["state"] not in ("running", "stopping") \
+        pid = "-" if p.get("pid") is None or p["state"] not in ("starting", "running",
+                                                                  "stopping") \
             else str(p["pid"])
         print(f"{_show(p['name']):<{width}}  {p['state']:<8}  {pid:>7}  {p['restarts']:>8}  "
               f"{_show(detail)}")

@@ -61,33 +61,72 @@ def live_groups(pgids: list[int]) -> set[int]:
     return alive
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
 
+class GroupEnder:
+    """Ending process groups: SIGTERM now, SIGKILL after each group's grace, done once no live
+    member is left (or, past SIGKILL, after ``GRACE_AFTER_KILL``: only zombies can remain).
+
+    The one implementation of that rule: the guardian runs it in a blocking loop
+    (``end_groups``), the supervisor calls ``check`` from its event loop.
+    """
+
+    def __init__(self) -> None:
+        self.deadlines: dict[int, float] = {}  # pgid -> when to SIGKILL it
+        self.killed: dict[int, float] = {}  # pgid -> when it was SIGKILLed
+
+    def __contains__(self, pgid: int) -> bool:
+        return pgid in self.deadlines
+
+    def __len__(self) -> int:
+        return len(self.deadlines)
+
+    def end(self, pgid: int, grace: float, now: float) -> None:
+        """SIGTERM group ``pgid`` now; SIGKILL it at ``now + grace`` (the earliest deadline
+        wins when it is being ended already)."""
+        signal_group(pgid, signal.SIGTERM)
+        if pgid not in self.killed:
+            self.deadlines[pgid] = min(self.deadlines.get(pgid, now + grace), now + grace)
+
+    def left(self, pgid: int, now: float) -> float | None:
+        """Seconds until group ``pgid`` is SIGKILLed; None once it has been."""
+        return None if pgid in self.killed else max(0.0, self.deadlines[pgid] - now)
+
+    def kill_all(self) -> None:
+        for pgid in self.deadlines:
+            signal_group(pgid, signal.SIGKILL)
+
+    def check(self, now: float) -> list[int]:
+        """SIGKILL the groups past their deadline; forget and return those that are over."""
+        alive = live_groups(list(self.deadlines))
+        over = []
+        for pgid, deadline in list(self.deadlines.items()):
+            killed_at = self.killed.get(pgid)
+            if pgid in alive and killed_at is None and now >= deadline:
+                signal_group(pgid, signal.SIGKILL)
+                self.killed[pgid] = now
+            elif pgid not in alive or (killed_at is not None
+                                       and now - killed_at > GRACE_AFTER_KILL):
+                del self.deadlines[pgid]
+                self.killed.pop(pgid, None)
+                over.append(pgid)
+        return over
+
+
 def end_groups(groups: dict[int, float]) -> None:
     """SIGTERM every group at once, SIGKILL each one still alive after its own timeout."""
+    ender = GroupEnder()
     start = time.monotonic()
-    for pgid in groups:
-        _signal_group(pgid, signal.SIGTERM)
-    killed: dict[int, float] = {}
-    pending = dict(groups)
-    while pending:
-        now = time.monotonic()
-        alive = live_groups(list(pending))
-        for pgid, timeout in list(pending.items()):
-            if pgid not in alive:
-                del pending[pgid]
-            elif pgid in killed:
-                if now - killed[pgid] > GRACE_AFTER_KILL:  # only zombies can be left: give up
-                    del pending[pgid]
-            elif now - start >= timeout:
-                _signal_group(pgid, signal.SIGKILL)
-                killed[pgid] = now
-        if pending:
+    for pgid, timeout in groups.items():
+        ender.end(pgid, timeout, start)
+    while ender:
+        ender.check(time.monotonic())
+        if ender:
             time.sleep(POLL)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import time
 import weakref
 from typing import Any
 
@@ -16,6 +15,7 @@ from .logs import RingBuffer
 from .output import LoggingSink, Sink, safe_logger
 from .plan import Decision, Plan, make_plan
 from .process import ACTIVE_STATES, PluginProcess, State
+from .reload import Reloader, file_signature
 from .supervisor import OperationError, Supervisor
 
 log = safe_logger("plugin_launcher.launcher")  # names and paths escaped
@@ -85,14 +85,6 @@ def parse_signal(value: Any) -> int:
     return number
 
 
-def file_signature(path: str) -> tuple[Any, ...] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _stop_at_exit(ref: weakref.ref[PluginLauncher]) -> None:
     launcher = ref()
     if launcher is not None and launcher._owner_pid == os.getpid():
@@ -126,10 +118,8 @@ class PluginLauncher:
         self._supervisor: Supervisor | None = None
         self._owner_pid: int | None = None
         self._handoff = ConfigHandoff(self.config.to_json())
-        self._watcher: Any = None
-        self._reload_pending = False
-        self._reload_due = 0.0
-        self._stopping = False
+        self._reloader = Reloader(lambda: self._report(self.plan()),
+                                  lambda: self.config.plugin_locations, settle_time)
         self._listeners: list[Any] = []
         self._last_plugins: list[PluginProcess] = []
         self._last_rings: dict[str, RingBuffer] = {}
@@ -162,11 +152,10 @@ class PluginLauncher:
     # ------------------------------------------------------------------------------ lifetime
     def _ensure_supervisor(self) -> Supervisor:
         if self._supervisor is None or not self._supervisor.alive:
-            self._stopping = False
-            self._reload_pending = False
             self._supervisor = Supervisor(self.sink, self._environment,
                                           log_fields=(self.role or "", self.worker_id))
             self._supervisor.listeners.extend(self._listeners)
+            self._reloader.reset(self._supervisor)
             self._supervisor.start()
             if self._owner_pid is None:
                 atexit.register(_stop_at_exit, weakref.ref(self))
@@ -227,7 +216,8 @@ class PluginLauncher:
         status once it has started (or failed to)."""
         supervisor, _ = self._resolve(name)
         supervisor.call(lambda: supervisor.operator_start(name))
-        supervisor.wait_until(lambda: supervisor.procs[name].state != State.STOPPING, STOP_MARGIN)
+        supervisor.wait_until(lambda: supervisor.procs[name].state not in (
+            State.STOPPING, State.STARTING), STOP_MARGIN)
         return self._status_of(supervisor, name)
 
     def stop_plugin(self, name: str, timeout: float | None = None) -> dict[str, Any]:
@@ -249,7 +239,7 @@ class PluginLauncher:
 
         def moved_on() -> bool:
             now = supervisor.procs[name]
-            if now.state == State.STOPPING:
+            if now.state in (State.STOPPING, State.STARTING):
                 return False
             return now.run is not old_run or now.state not in ACTIVE_STATES
 
@@ -323,7 +313,7 @@ class PluginLauncher:
             return
 
         def stop_all() -> None:
-            self._stopping = True  # a pending live reload must not start anything now
+            self._reloader.stopping = True  # a pending live reload must not start anything now
             supervisor.stop(None, timeout)
 
         supervisor.call(stop_all)
@@ -364,7 +354,7 @@ class PluginLauncher:
                     p.name for p in supervisor.procs.values() if p.state in ACTIVE_STATES))
                 supervisor.kill_all()  # from this thread, in case the loop itself is stuck
         supervisor.close()
-        self._close_watcher()
+        self._reloader.close()
         self._handoff.close()
         self._last_plugins = list(supervisor.procs.values())
         self._last_rings = supervisor.rings
@@ -388,91 +378,11 @@ class PluginLauncher:
         """Make the running set equal to what the locations select now (see README)."""
         supervisor = self._ensure_supervisor()
         plan = self.plan()
-        return supervisor.call(lambda: self._apply(supervisor, plan))
-
-    def _apply(self, supervisor: Supervisor, plan: Plan) -> dict[str, list[str]]:
-        if self._stopping:
-            return {"started": [], "stopped": [], "restarted": [], "deferred": []}
-        wanted = {d.name: d for d in self._report(plan)}
-        now = time.time()
-        changes: dict[str, list[str]] = {"started": [], "stopped": [], "restarted": [],
-                                         "deferred": []}
-        for name, decision in wanted.items():
-            signature = file_signature(decision.path)
-            proc = supervisor.procs.get(name)
-            unchanged = (proc is not None and proc.change != "removed"
-                         and proc.signature == signature
-                         and proc.decision.command == decision.command)
-            if unchanged:
-                continue
-            if signature is not None and now - signature[3] / 1e9 < self.settle_time:
-                changes["deferred"].append(name)  # still being written: look again later
-                continue
-            if proc is None or proc.change == "removed":
-                log.info("started new plugin %s", name)
-                supervisor.launch([decision], change="added")
-                changes["started"].append(name)
-            else:
-                if proc.state in ACTIVE_STATES:
-                    log.info("restarting changed plugin %s", name)
-                else:
-                    log.info("starting changed plugin %s", name)
-                supervisor.replace(decision)
-                changes["restarted"].append(name)
-            supervisor.procs[name].signature = signature
-        for name, proc in supervisor.procs.items():
-            if name not in wanted and proc.change != "removed":
-                if proc.state in ACTIVE_STATES:
-                    log.info("stopping removed plugin %s", name)
-                supervisor.stop([name])
-                proc.change = "removed"
-                changes["stopped"].append(name)
-        if changes["deferred"]:
-            self._schedule_reload(supervisor)
-        return changes
+        return supervisor.call(lambda: self._reloader.apply(lambda: self._report(plan)))
 
     def watch(self) -> None:
         """Follow the plugin locations with inotify and reload after each settled change."""
-        from .watch import Inotify
-
-        supervisor = self._ensure_supervisor()
-        if self._watcher is not None:
-            return
-        watcher = Inotify()
-        watcher.watch_tree(self.config.plugin_locations)
-        self._watcher = watcher
-
-        def on_event() -> None:
-            if watcher.drain():
-                self._schedule_reload(supervisor)
-
-        supervisor.call(lambda: supervisor.add_reader(watcher.fd, on_event))
-
-    def _schedule_reload(self, supervisor: Supervisor) -> None:
-        """Debounce: reload once no event has come for ``settle_time`` (runs on the loop)."""
-        self._reload_due = supervisor.clock() + self.settle_time
-        if self._reload_pending:
-            return
-        self._reload_pending = True
-
-        def fire() -> None:
-            if self._stopping or self._supervisor is not supervisor:
-                return
-            remaining = self._reload_due - supervisor.clock()
-            if remaining > 0:
-                supervisor.after(remaining, fire)
-                return
-            self._reload_pending = False
-            if self._watcher is not None:
-                self._watcher.watch_tree(self.config.plugin_locations)
-            self._apply(supervisor, self.plan())
-
-        supervisor.after(self.settle_time, fire)
-
-    def _close_watcher(self) -> None:
-        if self._watcher is not None:
-            self._watcher.close()
-            self._watcher = None
+        self._reloader.watch(self._ensure_supervisor())
 
 
 __all__ = ["OperationError", "PluginLauncher", "State", "UnknownPluginError", "parse_signal"]

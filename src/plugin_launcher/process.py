@@ -1,76 +1,34 @@
-"""One supervised plugin: its state machine, its current run and how a run is spawned.
+"""One supervised plugin: its policy state machine, its current run and how a run is spawned.
 
-A ``PluginProcess`` owns no thread; the supervisor's loop feeds it events.  What happens after a
-run ends is decided in one pure function, ``after_exit``, so the restart policy, ``max_restarts``
-and the status view can never disagree.
+A ``PluginProcess`` owns no thread; the supervisor's loop feeds its ``PluginMachine`` (machine.py)
+events and carries out the actions it returns.  What happens after a run ends is decided in one
+pure function, ``after_exit``, so the restart policy, ``max_restarts`` and the status view can
+never disagree.
 """
 
 from __future__ import annotations
 
 import os
-import random
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import IO, Any
 
 from . import limits
+from .machine import (
+    ACTIVE_STATES,
+    Outcome,
+    PluginMachine,
+    State,
+    after_exit,
+    backoff_delay,
+    describe_returncode,
+    signal_name,
+    split_returncode,
+)
 from .output import LineSplitter
 from .plan import Decision
-
-
-class State(str, Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    EXITED = "exited"
-    FAILED = "failed"
-    STOPPED = "stopped"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-ACTIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING})
-
-
-@dataclass(frozen=True)
-class Outcome:
-    state: State
-    message: str
-
-
-def after_exit(
-    restart: str, max_restarts: int, restarts: int, failure: bool, stop_requested: bool
-) -> Outcome:
-    """The state a plugin goes to when a run ends (supervisord's FATAL is our ``failed``)."""
-    if stop_requested:
-        return Outcome(State.STOPPED, "stopped")
-    wants_restart = restart == "always" or (restart == "on-failure" and failure)
-    if not wants_restart:
-        return Outcome(State.EXITED, f"not restarted (restart: {restart})")
-    if max_restarts and restarts >= max_restarts:
-        return Outcome(State.FAILED, f"giving up after {restarts} restarts")
-    return Outcome(State.BACKOFF, "restarting")
-
-
-def backoff_delay(initial: float, maximum: float, step: int, rng: random.Random) -> float:
-    """Doubling delay with jitter (never above ``maximum``), so a crash loop costs nothing."""
-    base = min(maximum, initial * (2.0 ** min(step, 60)))
-    return base * rng.uniform(0.8, 1.0)
-
-
-def describe_returncode(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"killed by {name}"
-    return f"exited with code {code}"
+from .timers import Timer
 
 
 @dataclass
@@ -86,8 +44,6 @@ class Run:
     pipes: dict[int, IO[bytes]] = field(default_factory=dict)  # fd -> its file object
     splitters: dict[int, LineSplitter] = field(default_factory=dict)
     returncode: int | None = None
-    stop_requested: bool = False
-    timed_out: bool = False
     limit_hit: str | None = None
 
     @property
@@ -98,18 +54,44 @@ class Run:
 @dataclass
 class PluginProcess:
     decision: Decision
-    state: State = State.STARTING
+    machine: PluginMachine = None  # type: ignore[assignment]  # set in __post_init__
     run: Run | None = None
-    restarts: int = 0
-    backoff_step: int = 0
-    last_returncode: int | None = None
-    last_failure: bool = False
     started_wall: float | None = None
     output_lines: int = 0
     error: str | None = None
     change: str | None = None  # live reload: added / changed / removed
     signature: tuple[Any, ...] | None = None
-    held: bool = False  # stopped by the operator: no restart, no reload starts it until start
+    timers: dict[str, Timer] = field(default_factory=dict)  # the machine's armed timers
+
+    def __post_init__(self) -> None:
+        if self.machine is None:
+            self.machine = PluginMachine(self.decision.options, time.monotonic)
+
+    def retarget(self, decision: Decision, change: str | None) -> None:
+        """Run ``decision`` (a changed file, new options) from the next start on."""
+        self.decision, self.change = decision, change
+        self.machine.options = decision.options
+
+    # the policy's view, read-only: every change goes through the machine's transitions
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+    @property
+    def restarts(self) -> int:
+        return self.machine.restarts
+
+    @property
+    def held(self) -> bool:
+        return self.machine.held
+
+    @property
+    def last_returncode(self) -> int | None:
+        return self.machine.last_returncode
+
+    @property
+    def last_failure(self) -> bool:
+        return self.machine.last_failure
 
     @property
     def name(self) -> str:
@@ -133,6 +115,7 @@ class PluginProcess:
 
     def status(self) -> dict[str, Any]:
         code = self.last_returncode
+        exit_code, number = split_returncode(code) if code is not None else (None, None)
         return {
             "name": self.name,
             "path": self.path,
@@ -140,9 +123,8 @@ class PluginProcess:
             "state": str(self.state),
             "restarts": self.restarts,
             "returncode": code,
-            "exit_code": code if code is not None and code >= 0 else None,
-            "signal": signal.Signals(-code).name if code is not None and code < 0 and
-            -code in signal.Signals._value2member_map_ else None,
+            "exit_code": exit_code,
+            "signal": signal_name(number) if number is not None else None,
             "started_at": self.started_wall,
             "output_lines": self.output_lines,
             "error": self.error,
@@ -176,3 +158,7 @@ def spawn(decision: Decision, env: dict[str, str]) -> Run:
     except (AttributeError, OSError):
         run.pidfd = None  # the supervisor falls back to a timed poll for this run
     return run
+
+
+__all__ = ["ACTIVE_STATES", "Outcome", "PluginProcess", "Run", "State", "after_exit",
+           "backoff_delay", "describe_returncode", "spawn"]

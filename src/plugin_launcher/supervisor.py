@@ -8,10 +8,8 @@ group is being ended (checked every 50 ms) or on kernels without pidfd.
 
 from __future__ import annotations
 
-import heapq
+import functools
 import inspect
-import itertools
-import logging
 import os
 import random
 import selectors
@@ -24,29 +22,32 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from . import limits
-from .guardian import live_groups
+from .guardian import GroupEnder, live_groups, signal_group
 from .guardian_client import GuardianClient
 from .logs import RingBuffer, RotatingLog, log_path
+from .machine import (
+    RUN_STATES,
+    Action,
+    Arm,
+    Cancel,
+    Log,
+    PluginMachine,
+    Renew,
+    Spawn,
+    Terminate,
+    TimerKind,
+    TransitionError,
+)
 from .output import Sink, safe_logger
 from .plan import Decision
-from .process import (
-    ACTIVE_STATES,
-    PluginProcess,
-    Run,
-    State,
-    after_exit,
-    backoff_delay,
-    describe_returncode,
-    spawn,
-)
+from .process import ACTIVE_STATES, PluginProcess, Run, State, spawn
+from .timers import Timer, TimerHeap
 
 log = safe_logger("plugin_launcher.supervisor")  # names and paths escaped
 T = TypeVar("T")
-Timer = tuple[float, int, Callable[[], None]]  # (deadline, sequence, function): a heap entry
 READ_SIZE = 1 << 16
 GROUP_CHECK = 0.05
 POLL_WITHOUT_PIDFD = 0.1
-KILL_GRACE = 1.0
 MAX_SELECT_TIMEOUT = 3600.0  # epoll refuses ~24.8 days; a later timer is simply waited in steps
 LOOP_ERROR_DELAY = (0.01, 1.0)  # a failing loop round waits this long, doubling, before retrying
 STATUS_INTERVAL = 0.2  # the published status snapshot is refreshed at most this often
@@ -92,13 +93,6 @@ def _error_key(exc: BaseException) -> tuple[str, str, int]:
     return (type(exc).__name__, tb.tb_frame.f_code.co_filename, tb.tb_lineno)
 
 
-def signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 class Supervisor:
     """Owns every ``PluginProcess``; all of their state changes happen on its thread."""
 
@@ -117,7 +111,6 @@ class Supervisor:
         self.taps: dict[str, list[Callable[[str, bytes], None]]] = {}  # name -> followers
         self._plugin_logs: dict[str, RotatingLog | None] = {}  # name -> its log_file
         self._log_files: dict[str, RotatingLog] = {}  # path -> writer (shared by path)
-        self._pending_start: dict[str, bool] = {}  # name -> counts as a restart
         self.environment = environment
         self.clock = clock
         self.rng = rng or random.Random()
@@ -129,17 +122,15 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._commands: deque[Callable[[], None]] = deque()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
+        self._timers = TimerHeap()
         self._waiters: list[tuple[Callable[[], bool], threading.Event]] = []
-        self._lingering: dict[int, list[float]] = {}  # pgid -> [kill deadline, killed at]
-        self._generation: dict[str, int] = {}
-        self._replacements: dict[str, Decision] = {}
+        self._ending = GroupEnder()  # process groups being ended (TERM, grace, KILL)
+        self._replacements: dict[str, Decision] = {}  # name -> its changed file's decision
+        self._bad_transitions: set[tuple[str, str]] = set()  # logged once each
         self._group_timer = False
         self._poll_timer = False
         self._changed = False
         self._closing = False
-        self._timeout_timers: dict[str, Timer] = {}
         self.snapshot: list[dict[str, Any]] = []  # status as last published: read lock-free
         self._status_dirty = False
         self._published_at = float("-inf")
@@ -225,42 +216,46 @@ class Supervisor:
         self._closing = True
 
     # ------------------------------------------------------------------------------ commands
+    def _new_proc(self, decision: Decision, change: str | None,
+                  signature: tuple[Any, ...] | None = None) -> PluginProcess:
+        machine = PluginMachine(decision.options, self.clock, self.rng)
+        proc = PluginProcess(decision, machine, change=change, signature=signature)
+        self.procs[decision.name] = proc
+        return proc
+
     def launch(self, decisions: Iterable[Decision], change: str | None = None) -> None:
         for decision in decisions:
-            proc = PluginProcess(decision, change=change)
             old = self.procs.get(decision.name)
             if old is not None and old.state in ACTIVE_STATES:
                 continue
             if old is not None and old.held:  # the operator stopped it: only `start` starts it
-                old.decision, old.change = decision, change
+                old.retarget(decision, change)
                 continue
-            self.procs[decision.name] = proc
-            self._start(proc)
+            proc = self._new_proc(decision, change)
+            self._feed(proc, proc.machine.start)
 
     def stop(self, names: Iterable[str] | None = None, timeout: float | None = None) -> None:
         for name in list(self.procs) if names is None else names:
             proc = self.procs.get(name)
             if proc is not None:
                 self._replacements.pop(name, None)
-                self._pending_start.pop(name, None)
-                self._stop(proc, timeout)
+                self._feed(proc, functools.partial(proc.machine.stop, timeout))
 
     def replace(self, decision: Decision) -> None:
         """Restart a plugin with a new decision (its file changed): stop, then start anew."""
         proc = self.procs.get(decision.name)
-        if proc is not None and proc.held:  # runs the new file once the operator starts it
-            proc.decision, proc.change = decision, "changed"
-            return
-        if proc is None or proc.state not in ACTIVE_STATES:
-            self.procs[decision.name] = PluginProcess(decision, change="changed")
-            self._start(self.procs[decision.name])
-            return
-        self._replacements[decision.name] = decision
-        self._stop(proc, None)
+        if proc is None:
+            proc = self._new_proc(decision, "changed")
+            self._feed(proc, proc.machine.start)
+        elif proc.held:  # runs the new file once the operator starts it
+            proc.retarget(decision, "changed")
+        else:
+            self._replacements[decision.name] = decision
+            self._feed(proc, proc.machine.replace)
 
     def quiet(self) -> bool:
         """True once no plugin is active and no process group is still being ended."""
-        return not self._lingering and all(
+        return not self._ending and all(
             p.state not in ACTIVE_STATES for p in self.procs.values()
         )
 
@@ -272,8 +267,7 @@ class Supervisor:
 
     def kill_all(self) -> None:
         """Last resort (stop_plugins gave up waiting): SIGKILL every known group now."""
-        for pgid in list(self._lingering):
-            signal_group(pgid, signal.SIGKILL)
+        self._ending.kill_all()
         for proc in self.procs.values():
             if proc.run is not None and proc.state in ACTIVE_STATES:
                 signal_group(proc.run.pgid, signal.SIGKILL)
@@ -284,9 +278,8 @@ class Supervisor:
         found = []
         for proc in self.procs.values():
             run = proc.run
-            entry = self._lingering.get(run.pgid) if run is not None else None
-            if run is not None and entry is not None:
-                found.append((proc.name, run.pid, None if entry[1] else max(0.0, entry[0] - now)))
+            if run is not None and run.pgid in self._ending:
+                found.append((proc.name, run.pid, self._ending.left(run.pgid, now)))
         return found
 
     def status(self) -> list[dict[str, Any]]:
@@ -296,27 +289,20 @@ class Supervisor:
     def operator_stop(self, name: str, timeout: float | None = None) -> None:
         """Stop one plugin and hold it stopped (no restart policy, no reload) until started."""
         proc = self.procs[name]
-        proc.held = True
         self._replacements.pop(name, None)
-        self._pending_start.pop(name, None)
-        self._stop(proc, timeout)
+        self._feed(proc, lambda: proc.machine.stop(timeout, hold=True))
 
     def operator_start(self, name: str) -> bool:
         """Start a plugin that is not running; False if it already runs (nothing to do)."""
         proc = self.procs[name]
         if proc.change == "removed":
             raise OperationError(f"plugin {name} was removed from the plugin locations")
-        proc.held = False
         if proc.state in (State.RUNNING, State.STARTING):
+            proc.machine.held = False
             return False
-        if proc.state == State.STOPPING:
-            self._pending_start.setdefault(name, False)
-            return True
-        if proc.state == State.BACKOFF:
-            self._generation[name] += 1  # cancels the pending restart: start now instead
-        log.info("starting plugin %s (operator request)", name)
-        proc.backoff_step = 0
-        self._start(proc)
+        if proc.state != State.STOPPING:
+            log.info("starting plugin %s (operator request)", name)
+        self._feed(proc, lambda: proc.machine.start(operator=True))
         return True
 
     def operator_restart(self, name: str) -> None:
@@ -324,17 +310,10 @@ class Supervisor:
         proc = self.procs[name]
         if proc.change == "removed":
             raise OperationError(f"plugin {name} was removed from the plugin locations")
-        proc.held = False
-        if proc.state in (State.RUNNING, State.STARTING, State.STOPPING):
-            self._pending_start[name] = True
-            self._stop(proc, None)
-            return
-        if proc.state == State.BACKOFF:
-            self._generation[name] += 1
-        log.info("restarting plugin %s (operator request)", name)
-        proc.restarts += 1
-        proc.backoff_step = 0
-        self._start(proc)
+        if proc.state not in (State.RUNNING, State.STARTING, State.STOPPING):
+            log.info("restarting plugin %s (operator request)", name)
+        self._replacements.pop(name, None)
+        self._feed(proc, proc.machine.restart)
 
     def operator_signal(self, name: str, sig: int) -> int:
         """Send ``sig`` to the plugin's main process (not its group); returns its PID."""
@@ -401,8 +380,9 @@ class Supervisor:
 
     def _iterate(self) -> None:
         timeout = None
-        if self._timers:
-            timeout = min(MAX_SELECT_TIMEOUT, max(0.0, self._timers[0][0] - self.clock()))
+        deadline = self._timers.next_deadline()
+        if deadline is not None:
+            timeout = min(MAX_SELECT_TIMEOUT, max(0.0, deadline - self.clock()))
         fd_map = self._selector.get_map()
         for key, _mask in self._selector.select(timeout):
             if fd_map.get(key.fd) is not key:
@@ -412,9 +392,7 @@ class Supervisor:
             else:
                 handler, proc, run = key.data
                 handler(proc, run, key.fd)
-        now = self.clock()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, fn = heapq.heappop(self._timers)
+        for fn in self._timers.due(self.clock()):
             fn()
         self.guardian.flush()
         if self._changed:
@@ -442,15 +420,8 @@ class Supervisor:
             self._commands.popleft()()
 
     def _after(self, delay: float, fn: Callable[[], None]) -> Timer:
-        entry = (self.clock() + delay, next(self._seq), fn)
-        heapq.heappush(self._timers, entry)
-        return entry
-
-    def _cancel(self, entry: Timer | None) -> None:
-        """Drop a pending timer now (a run's timeout must not outlive the run)."""
-        if entry is not None and entry in self._timers:
-            self._timers.remove(entry)
-            heapq.heapify(self._timers)
+        """Call ``fn`` on the loop after ``delay`` seconds; ``cancel()`` the handle to drop it."""
+        return self._timers.push(self.clock() + delay, fn)
 
     def publish_status(self) -> None:
         """Refresh ``snapshot``, which the status server reads without calling this thread."""
@@ -469,29 +440,60 @@ class Supervisor:
     def _publish_timer_due(self) -> None:
         self._publish_timer = False  # the end of this loop round publishes
 
-    def _set_state(self, proc: PluginProcess, state: State) -> None:
-        proc.state = state
+    # -------------------------------------------------------------------------- transitions
+    def _feed(self, proc: PluginProcess, event: Callable[[], list[Action]]) -> None:
+        """Give ``proc``'s machine one event and carry out the actions it returns.  A transition
+        the table does not have is a bug: logged once per kind, never raised into the loop."""
+        try:
+            actions = event()
+        except TransitionError as exc:
+            key = (proc.name, str(exc))
+            if key not in self._bad_transitions:
+                self._bad_transitions.add(key)
+                log.error("internal error: plugin %s: %s (event ignored)", proc.name, exc)
+            return
         self._changed = True
         self._status_dirty = True
+        for action in actions:
+            self._do(proc, action)
 
-    # -------------------------------------------------------------------------- transitions
-    def _start(self, proc: PluginProcess) -> None:
-        generation = self._generation.get(proc.name, 0) + 1
-        self._generation[proc.name] = generation
+    def _do(self, proc: PluginProcess, action: Action) -> None:
+        if isinstance(action, Spawn):
+            self._spawn(proc)
+        elif isinstance(action, Terminate):
+            if proc.run is not None:
+                self._terminate(proc.run, action.grace)
+        elif isinstance(action, (Arm, Cancel)):
+            kind = action.timer
+            old = proc.timers.pop(kind, None)
+            if old is not None:
+                old.cancel()
+            if isinstance(action, Arm):
+                proc.timers[kind] = self._after(action.delay, lambda: self._fire(proc, kind))
+        elif isinstance(action, Log):
+            log.log(action.level, "plugin %s %s", proc.name, action.message)
+        elif isinstance(action, Renew):
+            decision = self._replacements.pop(proc.name, proc.decision)
+            new = self._new_proc(decision, "changed", proc.signature)
+            self._feed(new, new.machine.start)
+
+    def _fire(self, proc: PluginProcess, kind: TimerKind) -> None:
+        proc.timers.pop(kind, None)
+        self._feed(proc, lambda: proc.machine.fired(kind))
+
+    def _spawn(self, proc: PluginProcess) -> None:
+        """Carry out ``Spawn``: start a run and tell the machine how that went."""
         decision = proc.decision
         if decision.command is None:
             proc.error = decision.error
-            log.error("plugin %s cannot run: %s", proc.name, decision.error)
-            self._set_state(proc, State.FAILED)
-            proc.last_failure = True
+            self._feed(proc, lambda: proc.machine.cannot_run(str(decision.error)))
             return
-        self._set_state(proc, State.STARTING)
         try:
             run = spawn(decision, self.environment(decision))
         except (OSError, subprocess.SubprocessError) as exc:
-            proc.error = f"cannot start {decision.command[0]}: {exc}"
+            error = proc.error = f"cannot start {decision.command[0]}: {exc}"
             proc.run = None
-            self._finish(proc, failure=True)
+            self._feed(proc, lambda: proc.machine.spawn_failed(error))
             return
         run.started = self.clock()
         proc.run = run
@@ -506,48 +508,13 @@ class Supervisor:
         elif not self._poll_timer:
             self._poll_timer = True
             self._after(POLL_WITHOUT_PIDFD, self._poll_exits)
-        self._set_state(proc, State.RUNNING)
         log.info("started plugin %s (pid %d): %s", proc.name, run.pid, " ".join(decision.command))
-        timeout = decision.options.timeout
-        if timeout is not None:
-            self._cancel(self._timeout_timers.pop(proc.name, None))
-            self._timeout_timers[proc.name] = self._after(
-                timeout, lambda: self._on_timeout(proc, run))
-
-    def _stop(self, proc: PluginProcess, timeout: float | None) -> None:
-        grace = proc.decision.options.stop_timeout if timeout is None else timeout
-        if proc.state == State.BACKOFF:
-            self._generation[proc.name] += 1  # cancels the pending restart
-            self._set_state(proc, State.STOPPED)
-            return
-        run = proc.run
-        if run is None or proc.state not in ACTIVE_STATES:
-            return
-        if run.stop_requested:
-            return
-        run.stop_requested = True
-        self._set_state(proc, State.STOPPING)
-        self._terminate(run, grace)
+        self._feed(proc, proc.machine.spawned)
 
     def _terminate(self, run: Run, grace: float) -> None:
         """SIGTERM the run's group now, SIGKILL it after ``grace`` if still there."""
-        signal_group(run.pgid, signal.SIGTERM)
-        entry = self._lingering.get(run.pgid)
-        deadline = self.clock() + grace
-        if entry is None:
-            self._lingering[run.pgid] = [deadline, 0.0]
-        elif not entry[1]:
-            entry[0] = min(entry[0], deadline)
+        self._ending.end(run.pgid, grace, self.clock())
         self._ensure_group_timer()
-
-    def _on_timeout(self, proc: PluginProcess, run: Run) -> None:
-        if proc.run is not run or run.returncode is not None or run.stop_requested:
-            return
-        run.timed_out = True
-        log.warning("plugin %s timed out after %gs; stopping it", proc.name,
-                    proc.decision.options.timeout)
-        self._set_state(proc, State.STOPPING)
-        self._terminate(run, proc.decision.options.stop_timeout)
 
     # --------------------------------------------------------------------------------- events
     def _on_output(self, proc: PluginProcess, run: Run, fd: int) -> None:
@@ -573,6 +540,8 @@ class Supervisor:
             block = splitter.flush()
             self._close_stream(run, fd)
         if block:
+            if proc.state is State.STARTING:  # its first line: it has started
+                self._feed(proc, proc.machine.output)
             self._status_dirty = True
             count = block.count(b"\n")
             proc.output_lines += count
@@ -624,22 +593,22 @@ class Supervisor:
 
     def _maybe_complete(self, proc: PluginProcess, run: Run) -> None:
         """A run is over once its leader is reaped and its pipes are closed (or its group gone)."""
-        if run.returncode is None or proc.run is not run or proc.state not in ACTIVE_STATES:
+        if run.returncode is None or proc.run is not run or proc.state not in RUN_STATES:
             return
         if run.open_fds:
             if group_alive(run.pgid):
                 # Something the plugin started still holds its output: end the group (as
                 # systemd ends a unit's leftover processes) and keep reading until it is gone.
-                if run.pgid not in self._lingering:
+                if run.pgid not in self._ending:
                     self._terminate(run, proc.decision.options.stop_timeout)
                 return
             self._drain(proc, run)
         if group_alive(run.pgid):
-            if run.pgid not in self._lingering:
+            if run.pgid not in self._ending:
                 self._terminate(run, proc.decision.options.stop_timeout)
-        elif run.pgid not in self._lingering:
+        elif run.pgid not in self._ending:
             self.guardian.forget(run.pgid)
-        self._finish(proc, failure=None)
+        self._finish(proc, run)
 
     def _drain(self, proc: PluginProcess, run: Run) -> None:
         """The group is gone but a pipe is open (held outside it): read what is left, close it."""
@@ -653,78 +622,14 @@ class Supervisor:
                     chunk = b""
                 self._consume(proc, run, fd, chunk)
 
-    def _finish(self, proc: PluginProcess, failure: bool | None) -> None:
-        run = proc.run
-        self._cancel(self._timeout_timers.pop(proc.name, None))  # the run is over
-        options = proc.decision.options
-        if run is not None and failure is None:
-            code = run.returncode
-            assert code is not None
-            proc.last_returncode = code
-            if run.limit_hit is None and code < 0:
-                run.limit_hit = limits.limit_for_signal(options, -code)
-            failure = code != 0 or run.timed_out or run.limit_hit is not None
-            what = describe_returncode(code)
-            if run.timed_out:
-                what += f" (timed out after {options.timeout:g}s)"
-            if run.limit_hit is not None:
-                what += f" (stopped by limit {run.limit_hit})"
-            stop_requested = run.stop_requested
-        else:
-            what = f"could not start ({proc.error})"
-            stop_requested = False
-        failure = bool(failure)
-        proc.last_failure = failure
-        if run is not None and proc.started_wall is not None:
-            if self.clock() - run.started >= options.backoff_reset:
-                proc.backoff_step = 0
-        replacement = self._replacements.pop(proc.name, None)
-        counts = self._pending_start.pop(proc.name, None)
-        if counts is not None and replacement is None:  # operator start / restart
-            log.info("plugin %s %s; %s (operator request)", proc.name, what,
-                     "restarting" if counts else "starting")
-            if counts:
-                proc.restarts += 1
-            proc.backoff_step = 0
-            self._start(proc)
-            return
-        if replacement is not None:
-            log.info("plugin %s %s; restarting changed plugin", proc.name, what)
-            new = PluginProcess(replacement, change="changed", signature=proc.signature)
-            self.procs[proc.name] = new
-            self._start(new)
-            return
-        outcome = after_exit(options.restart, options.max_restarts, proc.restarts, failure,
-                             stop_requested)
-        level = logging.WARNING if failure and not stop_requested else logging.INFO
-        if run is None:
-            level = logging.ERROR
-        if outcome.state == State.BACKOFF:
-            delay = backoff_delay(options.backoff_initial, options.backoff_max,
-                                  proc.backoff_step, self.rng)
-            proc.backoff_step += 1
-            limit = f" of {options.max_restarts}" if options.max_restarts else ""
-            log.log(level, "plugin %s %s; restarting in %.1fs (restart %d%s)", proc.name, what,
-                    delay, proc.restarts + 1, limit)
-            generation = self._generation[proc.name]
-            self._set_state(proc, State.BACKOFF)
-            self._after(delay, lambda: self._restart(proc, generation))
-            return
-        if outcome.state == State.FAILED:
-            log.error("plugin %s %s; %s", proc.name, what, outcome.message)
-        elif outcome.state == State.STOPPED:
-            log.info("plugin %s stopped (%s)", proc.name, what)
-        else:
-            log.log(level, "plugin %s %s", proc.name, what)
-        self._set_state(proc, outcome.state)
-
-    def _restart(self, proc: PluginProcess, generation: int) -> None:
-        if self._generation.get(proc.name) != generation or proc.state != State.BACKOFF:
-            return
-        if self.procs.get(proc.name) is not proc:
-            return
-        proc.restarts += 1
-        self._start(proc)
+    def _finish(self, proc: PluginProcess, run: Run) -> None:
+        """The run is over (leader reaped, output read): its machine decides what follows."""
+        code = run.returncode
+        assert code is not None
+        if run.limit_hit is None and code < 0:
+            run.limit_hit = limits.limit_for_signal(proc.decision.options, -code)
+        limit_hit = run.limit_hit
+        self._feed(proc, lambda: proc.machine.ended(code, limit_hit))
 
     # ------------------------------------------------------------------------ group endings
     def _ensure_group_timer(self) -> None:
@@ -737,28 +642,16 @@ class Supervisor:
         try:
             self._end_groups()
         finally:
-            if self._lingering or any(
+            if self._ending or any(
                 p.run is not None and p.run.returncode is not None and p.run.open_fds
-                and p.state in ACTIVE_STATES for p in self.procs.values()
+                and p.state in RUN_STATES for p in self.procs.values()
             ):
                 self._ensure_group_timer()
 
     def _end_groups(self) -> None:
-        now = self.clock()
-        alive = live_groups(list(self._lingering))
-        for pgid, entry in list(self._lingering.items()):
-            deadline, killed_at = entry
-            if pgid not in alive:
-                del self._lingering[pgid]
-                self.guardian.forget(pgid)
-                self._changed = True
-            elif killed_at:
-                if now - killed_at > KILL_GRACE:  # only zombies can remain: stop waiting
-                    del self._lingering[pgid]
-                    self._changed = True
-            elif now >= deadline:
-                signal_group(pgid, signal.SIGKILL)
-                entry[1] = now
+        for pgid in self._ending.check(self.clock()):  # gone (or, past SIGKILL, zombies only)
+            self.guardian.forget(pgid)
+            self._changed = True
         # runs whose leader exited while something outside the group holds their pipes
         for proc in list(self.procs.values()):
             run = proc.run
