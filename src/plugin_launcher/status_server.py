@@ -1,4 +1,5 @@
-"""``GET /status`` (JSON) and ``GET /metrics`` (Prometheus) for a running launcher.
+"""``GET /status`` (JSON), ``GET /metrics`` (Prometheus), ``/healthz`` and ``/readyz`` (probes)
+and ``/`` (a page for people; status_page.py) for a running launcher.
 
 A threaded server, so an idle or slow client cannot hold up everyone else: each connection gets
 a daemon thread and a socket timeout, at most ``MAX_HANDLERS`` run at once (a connection beyond
@@ -14,6 +15,8 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any
+
+from .status_page import PAGE, PAGE_HEADERS, health, readiness
 
 log = logging.getLogger("plugin_launcher.status")
 StatusFn = Callable[[], list[dict[str, Any]]]
@@ -86,6 +89,15 @@ def render_metrics(status: list[dict[str, Any]]) -> bytes:
                                         labels=["plugin"])
             state = GaugeMetricFamily("plugin_state", "1 for the plugin's current state",
                                       labels=["plugin", "state"])
+            ready = GaugeMetricFamily("plugin_ready", "1 once the plugin sent READY=1 in this "
+                                      "run (sd_notify)", labels=["plugin"])
+            watchdog = GaugeMetricFamily("plugin_watchdog_seconds", "The plugin's watchdog "
+                                         "period (plugins with a watchdog)", labels=["plugin"])
+            left = GaugeMetricFamily("plugin_watchdog_remaining_seconds", "Seconds until the "
+                                     "plugin misses its watchdog", labels=["plugin"])
+            text = GaugeMetricFamily("plugin_status_text", "1, with the plugin's last STATUS= "
+                                     "text as a label (at most 200 characters)",
+                                     labels=["plugin", "status"])
             for entry in status:
                 name = label_text(entry["name"])
                 alive = entry["state"] in ("starting", "running", "stopping")
@@ -93,7 +105,14 @@ def render_metrics(status: list[dict[str, Any]]) -> bytes:
                 restarts.add_metric([name], entry["restarts"])
                 lines.add_metric([name], entry["output_lines"])
                 state.add_metric([name, entry["state"]], 1.0)
-            yield from (up, restarts, lines, state)
+                ready.add_metric([name], 1.0 if entry.get("ready") else 0.0)
+                if entry.get("watchdog") is not None:
+                    watchdog.add_metric([name], float(entry["watchdog"]))
+                if entry.get("watchdog_left") is not None:
+                    left.add_metric([name], float(entry["watchdog_left"]))
+                if entry.get("status_text") is not None:
+                    text.add_metric([name, label_text(str(entry["status_text"]))[:200]], 1.0)
+            yield from (up, restarts, lines, state, ready, watchdog, left, text)
 
     registry = CollectorRegistry()
     registry.register(StatusCollector())
@@ -108,18 +127,28 @@ def serve_status(status: StatusFn, host: str, port: int) -> HTTPServer:
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]
+            code = 200
+            headers = {"Cache-Control": "no-store"}
             if path == "/status":
                 body = json.dumps(status(), indent=1).encode()
                 kind = "application/json"
             elif path == "/metrics":
                 body = render_metrics(status())
                 kind = "text/plain; version=0.0.4; charset=utf-8"
+            elif path in ("/healthz", "/readyz"):
+                code, line = (health if path == "/healthz" else readiness)(status())
+                body, kind = f"{line}\n".encode(), "text/plain; charset=utf-8"
+            elif path == "/":
+                body, kind, headers = PAGE, PAGE_HEADERS["Content-Type"], PAGE_HEADERS
             else:
-                self.send_error(404, "try /status or /metrics")
+                self.send_error(404, "try /, /status, /metrics, /healthz or /readyz")
                 return
-            self.send_response(200)
+            self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
+            for key, value in headers.items():
+                if key != "Content-Type":
+                    self.send_header(key, value)
             self.end_headers()
             self.wfile.write(body)
 
