@@ -55,7 +55,7 @@ def run_lines(runs: Path) -> list[tuple[int, float]]:
 def start(plugin_dir: Path, launchers: list[PluginLauncher], options: dict[str, Any],
           **kwargs: Any) -> PluginLauncher:
     config = {"plugin_locations": [str(plugin_dir)], "plugin_options": options}
-    launcher = PluginLauncher(config, "worker", 0, 1, **kwargs)
+    launcher = PluginLauncher(config, "worker", worker_id=0, worker_count=1, **kwargs)
     launchers.append(launcher)
     launcher.launch_plugins()
     return launcher
