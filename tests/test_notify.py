@@ -252,3 +252,71 @@ def test_folder_is_fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     finally:
         first.close()
         second.close()
+
+
+# ------------------------------------------------------------------------- the plugin kit
+def kit_env(**more: str) -> dict[str, str]:
+    return {"LMCACHE_PLUGIN_ROLE": "WORKER", "LMCACHE_PLUGIN_WORKER_ID": "0",
+            "LMCACHE_PLUGIN_WORKER_COUNT": "1", "LMCACHE_PLUGIN_CONFIG": "{}", **more}
+
+
+def test_kit_reads_notify_variables() -> None:
+    from plugin_launcher.plugin import PluginContext
+
+    ctx = PluginContext.from_env(kit_env(NOTIFY_SOCKET="/x/notify", WATCHDOG_USEC="2500000"))
+    assert (ctx.notify_socket, ctx.watchdog) == ("/x/notify", 2.5)
+    bare = PluginContext.from_env(kit_env(WATCHDOG_USEC="junk"))
+    assert (bare.notify_socket, bare.watchdog) == (None, None)
+    assert not bare.notify_ready() and not bare.pet_watchdog()  # no launcher: quietly nothing
+    gone = PluginContext.from_env(kit_env(NOTIFY_SOCKET="/nonexistent/notify"))
+    assert not gone.notify_status("x")  # never raises into the plugin
+
+
+def test_kit_sends_ready_and_status(notify_socket: NotifySocket) -> None:
+    from plugin_launcher.plugin import PluginContext
+
+    ctx = PluginContext.from_env(kit_env(NOTIFY_SOCKET=notify_socket.path))
+    assert ctx.notify_status("loading\nshard 2") and ctx.notify_ready("serving")
+    notices = [parse_notice(data) for data, _ in receive(notify_socket, 2)]
+    assert notices == [Notice(status="loading shard 2"), Notice(ready=True, status="serving")]
+
+
+def test_kit_every_pets_the_watchdog_until_a_call_hangs(notify_socket: NotifySocket) -> None:
+    """every() pets at least every half period between calls (here: calls every 0.6 s, a
+    0.2 s watchdog), and stops petting once a call hangs past its timeout."""
+    import threading
+    import time
+
+    from plugin_launcher.plugin import PluginContext
+
+    ctx = PluginContext.from_env(kit_env(NOTIFY_SOCKET=notify_socket.path,
+                                         WATCHDOG_USEC="200000"))
+    hang = threading.Event()
+    release = threading.Event()
+    calls: list[float] = []
+
+    def work() -> None:
+        calls.append(time.monotonic())
+        if hang.is_set():
+            release.wait(30)
+
+    loop = threading.Thread(target=ctx.every, args=(0.6, work), kwargs={"timeout": 5.0})
+    loop.start()
+    try:
+        pets = receive(notify_socket, 8, timeout=10)
+        assert all(parse_notice(d) == Notice(watchdog=True) for d, _ in pets)
+        assert len(calls) <= 3  # many pets per call: the pets do not wait for the interval
+        hang.set()
+        wait_for(lambda: len(calls) >= 3, 10, message="a hanging call")
+        while receive_nowait(notify_socket):  # drain the pets sent before the hang
+            time.sleep(0.25)
+        time.sleep(0.5)  # (asserting an absence) more than two watchdog periods
+        assert receive_nowait(notify_socket) == []
+    finally:
+        ctx.stop()
+        release.set()
+        loop.join(10)
+
+
+def receive_nowait(sock: NotifySocket) -> list[bytes]:
+    return [d.data for d in sock.receive()]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -53,6 +54,8 @@ ENV_WORKER_ID = "LMCACHE_PLUGIN_WORKER_ID"
 ENV_WORKER_COUNT = "LMCACHE_PLUGIN_WORKER_COUNT"
 ENV_PARENT_PID = "LMCACHE_PLUGIN_PARENT_PID"
 ENV_NAME = "LMCACHE_PLUGIN_NAME"
+ENV_NOTIFY_SOCKET = "NOTIFY_SOCKET"  # sd_notify, as systemd sets it
+ENV_WATCHDOG_USEC = "WATCHDOG_USEC"
 
 T = TypeVar("T")
 
@@ -138,6 +141,8 @@ class PluginContext:
     extra_config: dict[str, Any]
     name: str
     parent_pid: int | None
+    notify_socket: str | None = None  # NOTIFY_SOCKET: where notify_* send (None: nowhere)
+    watchdog: float | None = None  # seconds within which the launcher expects a pet
     _stop: _StopState = field(default_factory=_StopState, repr=False, compare=False)
 
     @classmethod
@@ -184,6 +189,9 @@ class PluginContext:
             raise PluginEnvironmentError("; ".join(errors))
         if handle_signals is None:
             handle_signals = environ is None
+        watchdog_usec = (env.get(ENV_WATCHDOG_USEC) or "").strip()
+        watchdog = int(watchdog_usec) / 1e6 if watchdog_usec.isdigit() and int(
+            watchdog_usec) > 0 else None
         return cls(
             role=role,
             worker_id=None if worker_id == -1 else worker_id,
@@ -192,6 +200,8 @@ class PluginContext:
             extra_config=extra,
             name=(env.get(ENV_NAME) or "").strip() or _script_name(),
             parent_pid=parent_pid,
+            notify_socket=env.get(ENV_NOTIFY_SOCKET) or None,
+            watchdog=watchdog,
             _stop=_StopState(handle_signals=handle_signals),
         )
 
@@ -326,6 +336,54 @@ class PluginContext:
         """Print one flushed line (see :func:`log`); the launcher adds the plugin's name."""
         log(message, error=error)
 
+    # -- readiness and watchdog (sd_notify) ------------------------------------------------------
+
+    def notify(self, message: str) -> bool:
+        """Send one sd_notify message (``KEY=VALUE`` lines) to the launcher.  False when there is
+        no launcher listening (not started by one with NOTIFY_SOCKET, or it is gone); it never
+        raises, so a plugin can call it unconditionally."""
+        address = self.notify_socket
+        if not address:
+            return False
+        target = "\0" + address[1:] if address.startswith("@") else address
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.sendto(message.encode("utf-8", "replace"), target)
+        except OSError:
+            return False
+        return True
+
+    def notify_ready(self, status: str | None = None) -> bool:
+        """Tell the launcher this plugin is ready (READY=1), optionally with a status text; a
+        ``ready: notify`` plugin is ``starting`` until then."""
+        text = "READY=1" if status is None else f"READY=1\nSTATUS={_one_line(status)}"
+        return self.notify(text)
+
+    def notify_status(self, text: str) -> bool:
+        """Set the status text the launcher shows (``/status``, the status page, /metrics)."""
+        return self.notify(f"STATUS={_one_line(text)}")
+
+    def pet_watchdog(self) -> bool:
+        """WATCHDOG=1: "still working".  With ``watchdog`` set, the launcher ends the plugin as
+        a failure when no pet comes for that long; :meth:`every` pets by itself."""
+        return self.notify("WATCHDOG=1") if self.watchdog is not None else False
+
+    def _wait(self, delay: float, pet: bool) -> None:
+        """Wait ``delay`` seconds (or until stopping), petting the watchdog at least every half
+        period when ``pet``."""
+        stopping = self._stop.event
+        if not pet or self.watchdog is None:
+            stopping.wait(delay)
+            return
+        step = self.watchdog / 2
+        deadline = time.monotonic() + delay
+        self.pet_watchdog()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or stopping.wait(min(step, left)):
+                return
+            self.pet_watchdog()
+
     # -- periodic work --------------------------------------------------------------------------
 
     def every(
@@ -346,6 +404,11 @@ class PluginContext:
         ``max_backoff``, each failure in a row doubles the wait, up to ``max_backoff`` seconds, and
         a success resets it. Returns within a fraction of a second once stopping is set, even
         during a call that has a ``timeout``.
+
+        With a launcher ``watchdog`` (``WATCHDOG_USEC``), it pets the watchdog after each call
+        that returned (or raised) and while waiting for the next, at least every half period;
+        a call that hangs (or is abandoned or skipped after a ``timeout``) stops the pets, so
+        the launcher restarts the hung plugin.
         """
         if not interval > 0:
             raise ValueError(f"every(): interval must be > 0, got {interval!r}")
@@ -358,6 +421,7 @@ class PluginContext:
         failures = 0
         straggler: threading.Thread | None = None
         while not stopping.is_set():
+            returned = False
             if straggler is not None and straggler.is_alive():
                 problem: str | None = "skipped: the previous call is still running"
             else:
@@ -368,6 +432,7 @@ class PluginContext:
                     problem, straggler = self._call_with_timeout(fn, timeout)
                     if stopping.is_set():
                         return
+                returned = straggler is None
             if problem is None:
                 failures = 0
                 delay = interval
@@ -381,7 +446,7 @@ class PluginContext:
                     f"next call in {delay:g} s)",
                     error=True,
                 )
-            stopping.wait(delay)
+            self._wait(delay, pet=returned)
 
     def _call_with_timeout(
         self, fn: Callable[[], object], timeout: float
@@ -419,6 +484,10 @@ def _call(fn: Callable[[], object]) -> str | None:
         message = str(exc).replace("\n", " ")  # one line per failure, whatever the message
         return f"failed: {exc.__class__.__name__}: {message}{where}"
     return None
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _num(x: float | None) -> str:
