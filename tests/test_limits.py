@@ -235,5 +235,7 @@ def test_list_says_which_limit_mechanism_applies(plugin_dir, tracker):
     lines = [line for line in out.decode().splitlines() if line.startswith("# limits:")]
     assert len(lines) == 1, out.decode()
     assert "setrlimit" in lines[0]
-    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-        assert "no cgroup v2" in lines[0]  # this machine: setrlimit and nice only
+    assert "no preexec_fn" in lines[0]
+    assert "cgroup memory limit" in lines[0] or "RLIMIT_AS only" in lines[0]
+    held = [line for line in out.decode().splitlines() if line.startswith("# containment:")]
+    assert len(held) == 1 and any(m in held[0] for m in ("cgroup v", "session ID")), held

@@ -30,13 +30,20 @@ from .identity import (
     IdentityError,
     resolve_identity,
 )
-from .launcher import PluginLauncher, check_role
+from .launcher import (
+    DEFAULT_OUTPUT_BATCH,
+    MAX_OUTPUT_BATCH,
+    PluginLauncher,
+    check_output_batch,
+    check_role,
+)
 from .logs import JsonFormatter, JsonSink
 from .machine import describe_returncode, shell_status
 from .options import OptionError, check_stop_timeout
 from .output import StreamSink, safe_logger, safe_name
 from .plan import Plan
 from .process import State
+from .supervisor import SupervisorStuck
 
 log = safe_logger("plugin_launcher.cli")  # names and paths escaped
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -141,6 +148,10 @@ def build_parser() -> Parser:
                      "pid, line), the launcher's own messages too")
     run.add_argument("--timestamps", action="store_true",
                      help="text format: ISO-8601 UTC time before each plugin line")
+    run.add_argument("--output-batch", type=float, metavar="SECONDS",
+                     help=f"let plugin output gather this long after each read (default "
+                     f"{DEFAULT_OUTPUT_BATCH:g}; 0: read at once; at most "
+                     f"{MAX_OUTPUT_BATCH:g})")
     listing = sub.add_parser("list", help="show every plugin found and whether it runs here",
                              description=LIST_DESCRIPTION, epilog=LIST_EXAMPLES,
                              formatter_class=raw)
@@ -218,6 +229,7 @@ def _make_launcher(args: argparse.Namespace, **kwargs: Any) -> PluginLauncher:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from .containment import Containment
     from .limits import mechanism
 
     launcher = _make_launcher(args)
@@ -250,7 +262,10 @@ def cmd_list(args: argparse.Namespace) -> int:
           f"{len(plan.selected)} of {len(plan.decisions)} plugins selected"
           + (f"; {len(plan.ignored)} other files ignored (--all shows them)"
              if plan.ignored and not args.all else ""))
-    print(f"# limits: {mechanism()}")
+    containment = Containment.detect()  # an empty launcher cgroup, removed at once
+    containment.close()
+    print(f"# limits: {mechanism(containment)}")
+    print(f"# containment: {containment.describe()}")
     return code
 
 
@@ -298,7 +313,25 @@ def exit_code_for(returncode: int) -> int:
 
 
 def cmd_run(args: argparse.Namespace, command: list[str]) -> int:
-    launcher = _make_launcher(args, sink=_output_sink(args))
+    batch = DEFAULT_OUTPUT_BATCH
+    if args.output_batch is not None:
+        try:
+            batch = check_output_batch(args.output_batch)
+        except ValueError as exc:
+            raise UsageError(f"--output-batch: {exc}") from None
+    sink = _output_sink(args)
+    try:
+        return _run(args, command, sink, batch)
+    finally:
+        dropped = sink.finish()  # a reader that stopped reading does not hold up the exit
+        if dropped:
+            log.warning("stdout reader stopped reading: %d bytes of plugin output dropped at "
+                        "exit", dropped)
+        sink.close()
+
+
+def _run(args: argparse.Namespace, command: list[str], sink: StreamSink, batch: float) -> int:
+    launcher = _make_launcher(args, sink=sink, output_batch=batch)
     plan = launcher.plan()  # for the operator's mistakes; launch_plugins() plans again
     _check_role(args.role, launcher, plan)
     why = _nothing_to_run(launcher, plan)
@@ -411,6 +444,15 @@ def _stop_with_feedback(launcher: PluginLauncher, selector: selectors.BaseSelect
         if key.data == "child":  # the wrapped command has ended (or is left to the guardian)
             selector.unregister(key.fd)
             os.close(key.fd)
+    try:
+        _await_stop(launcher, selector, wake_r, notify_r)
+    except SupervisorStuck:
+        pass  # stop_plugins ends the groups from this thread
+    launcher.stop_plugins()
+
+
+def _await_stop(launcher: PluginLauncher, selector: selectors.BaseSelector,
+                wake_r: int, notify_r: int) -> None:
     launcher.begin_stop()
     next_report = time.monotonic() + PROGRESS_EVERY
     killed = False
@@ -429,7 +471,6 @@ def _stop_with_feedback(launcher: PluginLauncher, selector: selectors.BaseSelect
             for name, pid, left in launcher.awaited():
                 when = "SIGKILL sent" if left is None else f"SIGKILL in {left:.1f}s"
                 log.info("waiting for plugin %s (pid %d), %s", name, pid, when)
-    launcher.stop_plugins()
 
 
 def _describe(code: int) -> str:

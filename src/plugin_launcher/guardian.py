@@ -6,9 +6,16 @@ tells us each plugin's process group as it starts (``+ PGID STOP_TIMEOUT``) and 
 When the pipe reaches end-of-file, or the host's pidfd says it exited, we send SIGTERM to every
 group, SIGKILL to those still alive after their stop timeout, and exit.
 
-Runs as ``python -I -S guardian.py HOST_PID``: standard library only, imports nothing of the
-package, in its own session, deaf to SIGINT/SIGHUP so a Ctrl-C to the terminal cannot kill it
-before it has done its work.
+Runs as ``python -I -S guardian.py HOST_PID [CGROUP_DIR]...``: standard library only (and its
+sibling ``cgroups.py``), in its own session, deaf to SIGINT/SIGHUP so a Ctrl-C to the terminal
+cannot kill it before it has done its work.  Ending a group also ends the rest of that plugin
+(its session's strays; its cgroup), and at the end every cgroup under the CGROUP_DIRs (the
+launcher's) is killed and removed, so a plugin the host had not told us about yet is not missed.
+
+SIGTERM ends a guardian *without* ending plugins (the host starts a new one and tells it every
+live group).  A guardian starts a **watchman** (this file with ``--watchman``), which reads a
+copy of every line and acts only when its guardian's pipe ends while the host is dead too: the
+host and the guardian SIGKILLed at once.
 """
 
 from __future__ import annotations
@@ -16,8 +23,15 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
+
+try:
+    from . import cgroups
+except ImportError:  # run as a script (python -I -S guardian.py): load the sibling file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cgroups  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 POLL = 0.05
 GRACE_AFTER_KILL = 1.0
@@ -39,8 +53,8 @@ def live_groups(pgids: list[int]) -> set[int]:
         except PermissionError:
             pass
         candidates.add(pgid)
-    if not candidates:
-        return candidates
+    if not candidates:  # the group is empty; its session or cgroup may not be (containment)
+        return cgroups.live_cages(set(pgids))
     alive: set[int] = set()
     try:
         entries = os.listdir("/proc")
@@ -58,14 +72,17 @@ def live_groups(pgids: list[int]) -> set[int]:
             pgrp = int(fields[2])
             if pgrp in candidates:
                 alive.add(pgrp)
-    return alive
+    return alive | cgroups.live_cages(set(pgids) - alive)
 
 
 def signal_group(pgid: int, sig: int) -> None:
+    """``sig`` to group ``pgid`` and to the rest of its plugin: members of its session that
+    changed group, and members of its cgroup (cgroups.py)."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+    cgroups.signal_cage(pgid, sig)
 
 
 class GroupEnder:
@@ -130,34 +147,90 @@ def end_groups(groups: dict[int, float]) -> None:
             time.sleep(POLL)
 
 
-def main(argv: list[str]) -> int:
+WATCHMAN = "--watchman"
+RESCUE_WAIT = 1.0  # watchman: how long a host that may be dying together with the guardian has
+
+
+def parse_args(argv: list[str]) -> tuple[int, bool, list[str]]:
+    """``guardian.py HOST_PID [--watchman] [CGROUP_DIR]...`` -> (host, watchman?, cgroup dirs)."""
     host_pid = int(argv[1]) if len(argv) > 1 else os.getppid()
+    rest = argv[2:]
+    return host_pid, WATCHMAN in rest, [a for a in rest if a != WATCHMAN]
+
+
+def start_watchman(argv: list[str]) -> tuple[subprocess.Popen[bytes], int, int | None] | None:
+    """Our own watchman: a second guardian that gets every line we get and acts only if we die
+    and the host is dead too (host and guardian SIGKILLed at once).  (popen, write fd, pidfd)."""
+    read_end, write_end = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            [sys.executable or "python3", "-I", "-S", os.path.abspath(__file__), *argv[1:],
+             WATCHMAN], stdin=read_end, stdout=subprocess.DEVNULL, close_fds=True)
+    except OSError:
+        os.close(write_end)
+        return None
+    finally:
+        os.close(read_end)
+    try:
+        pidfd: int | None = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    return popen, write_end, pidfd
+
+
+def _host_dead(host_fd: int | None, host_pid: int, wait: float) -> bool:
+    if host_fd is not None:
+        return bool(select.select([host_fd], [], [], wait)[0])
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.kill(host_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL)
+
+
+def main(argv: list[str]) -> int:
+    host_pid, watchman, roots = parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    # SIGTERM to the guardian itself (say, a service manager stopping everything): clean up now.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    fds = [0]
+    # SIGTERM (default action) ends a guardian without ending plugins: only the host's end makes
+    # a guardian end them.  The host sees our pidfd and starts a new guardian at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        fds.append(os.pidfd_open(host_pid))
+        host_fd: int | None = os.pidfd_open(host_pid)
     except (AttributeError, OSError):
-        pass  # no pidfd: the pipe's end-of-file alone tells us
+        host_fd = None  # no pidfd (or the host is gone already): the pipe's end-of-file tells us
+    helper = None if watchman else start_watchman(argv)
+    started = time.monotonic()
     groups: dict[int, float] = {}
     buffer = b""
-    signal.set_wakeup_fd(-1)
-    r_sig, w_sig = os.pipe()
-    os.set_blocking(w_sig, False)
-    signal.set_wakeup_fd(w_sig)
-    fds.append(r_sig)
     host_gone = False
     while not host_gone:
+        # a watchman waits for its guardian's end-of-file only, never acting beside it
+        fds = [0, *([host_fd] if host_fd is not None and not watchman else [])]
+        if helper is not None and helper[2] is not None:
+            fds.append(helper[2])
         try:
             ready, _, _ = select.select(fds, [], [])
         except InterruptedError:
             continue
-        if 0 in ready:
-            data = os.read(0, 65536)
-            if not data:
-                break
+        data = os.read(0, 65536) if 0 in ready else None
+        if data is not None and helper is not None:
+            try:
+                os.write(helper[1], data)
+            except OSError:
+                pass  # it died: restarted below once its pidfd says so
+        if data == b"":
+            if watchman:  # our guardian ended: act only if the host is dead (or dying) too
+                if not _host_dead(host_fd, host_pid, RESCUE_WAIT):
+                    return 0
+            break
+        if data:
             buffer += data
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
@@ -166,9 +239,43 @@ def main(argv: list[str]) -> int:
                     groups[int(words[1])] = float(words[2])
                 elif len(words) == 2 and words[0] == b"-":
                     groups.pop(int(words[1]), None)
-        host_gone = any(fd in ready for fd in fds[1:])
+                elif words == [b"bye"] and watchman:
+                    return 0  # our guardian finished its work: nothing for us to do
+        host_gone = host_fd is not None and host_fd in ready and not watchman
+        if helper is not None and helper[2] is not None and helper[2] in ready:
+            helper = _replace_watchman(helper, argv, groups, started)
+            started = time.monotonic()
     end_groups(groups)
+    for root in roots:
+        cgroups.sweep(root)
+    if helper is not None:
+        try:
+            os.write(helper[1], b"bye\n")
+        except OSError:
+            pass
     return 0
+
+
+def _replace_watchman(helper: tuple[subprocess.Popen[bytes], int, int | None], argv: list[str],
+                      groups: dict[int, float], last_start: float,
+                      ) -> tuple[subprocess.Popen[bytes], int, int | None] | None:
+    """Our watchman died: reap it and start another that knows every group (at most one
+    restart per second: a watchman that cannot run is given up)."""
+    popen, fd, pidfd = helper
+    popen.wait()
+    for owned in (fd, pidfd):
+        if owned is not None:
+            os.close(owned)
+    if time.monotonic() - last_start < 1.0:
+        return None
+    new = start_watchman(argv)
+    if new is not None:
+        replay = "".join(f"+ {pgid} {timeout}\n" for pgid, timeout in groups.items())
+        try:
+            os.write(new[1], replay.encode())
+        except OSError:
+            pass
+    return new
 
 
 if __name__ == "__main__":

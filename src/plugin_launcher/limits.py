@@ -1,18 +1,21 @@
-"""Per-plugin resource limits, applied in the child between fork and exec.
+"""Per-plugin resource limits: rlimits and nice, plus a cgroup memory limit where writable.
 
 ``setrlimit`` and ``setpriority`` bind the plugin and everything it starts, need no privileges
-and exist on every Linux.  cgroup v2 groups would add a true memory ceiling for the whole tree but
-need a delegated, writable hierarchy; ``mechanism()`` reports what this machine offers.
+and exist on every Linux.  They are applied by the exec'd prologue of containment.py (``ulimit``
+and ``nice -n``), never in a ``preexec_fn``.  ``memory_max`` is also a memory-controller limit
+where the launcher may write cgroups; ``mechanism()`` reports what this machine offers.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import signal
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .options import PluginOptions
+
+if TYPE_CHECKING:
+    from .containment import Containment
 
 # Output a plugin prints when a limit stopped it (checked only for the limits it has).
 LIMIT_MESSAGES = {
@@ -22,38 +25,6 @@ LIMIT_MESSAGES = {
     b"out of memory": "memory_max",
     b"Too many open files": "open_files_max",
 }
-
-
-def preexec_for(options: PluginOptions) -> Callable[[], None] | None:
-    """A function for Popen(preexec_fn=...) that applies the limits, or None when there are none.
-
-    None keeps the fast vfork/posix_spawn path of subprocess for plugins without limits.
-    """
-    if not options.has_limits:
-        return None
-    pairs = []
-    if options.memory_max is not None:
-        pairs.append((resource.RLIMIT_AS, options.memory_max))
-    if options.open_files_max is not None:
-        pairs.append((resource.RLIMIT_NOFILE, options.open_files_max))
-    if options.cpu_time_max is not None:
-        pairs.append((resource.RLIMIT_CPU, options.cpu_time_max))
-    nice = options.nice
-
-    def apply() -> None:
-        for limit, value in pairs:
-            _soft, hard = resource.getrlimit(limit)
-            if hard != resource.RLIM_INFINITY and value > hard:
-                value = hard
-            # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL one second later at the hard one.
-            hard_value = value + 1 if limit == resource.RLIMIT_CPU else value
-            if hard != resource.RLIM_INFINITY:
-                hard_value = min(hard_value, hard)
-            resource.setrlimit(limit, (value, hard_value))
-        if nice is not None:
-            os.setpriority(os.PRIO_PROCESS, 0, nice)
-
-    return apply
 
 
 def limit_for_signal(options: PluginOptions, signum: int) -> str | None:
@@ -76,8 +47,13 @@ def describe(options: PluginOptions) -> str:
     return ", ".join(parts)
 
 
-def mechanism() -> str:
+def mechanism(containment: Containment | None = None) -> str:
     """Which limit mechanism applies on this machine (shown by ``list``)."""
-    cgroup2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
-    note = "cgroup v2 present but not used" if cgroup2 else "no cgroup v2 hierarchy"
-    return f"setrlimit (RLIMIT_AS, RLIMIT_NOFILE, RLIMIT_CPU) and nice in the child; {note}"
+    memory = ""
+    if containment is not None and containment.memory_root is not None:
+        memory = ("; memory_max is also a cgroup memory limit "
+                  f"({os.path.dirname(containment.memory_root)})")
+    elif containment is not None:
+        memory = "; no writable cgroup memory controller: memory_max is RLIMIT_AS only"
+    return ("setrlimit (RLIMIT_AS, RLIMIT_NOFILE, RLIMIT_CPU) and nice, set by an exec'd "
+            f"prologue in the child (no preexec_fn, no fork of the host){memory}")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from . import limits
+from . import cgroups
+from .containment import Containment, check_executable
 from .machine import (
     ACTIVE_STATES,
     Outcome,
@@ -26,6 +28,7 @@ from .machine import (
     signal_name,
     split_returncode,
 )
+from .notify import Readiness
 from .output import LineSplitter
 from .plan import Decision
 from .timers import Timer
@@ -45,6 +48,7 @@ class Run:
     splitters: dict[int, LineSplitter] = field(default_factory=dict)
     returncode: int | None = None
     limit_hit: str | None = None
+    cages: tuple[str, ...] = ()  # its cgroups (containment.py), empty without cgroups
 
     @property
     def pgid(self) -> int:
@@ -62,6 +66,7 @@ class PluginProcess:
     change: str | None = None  # live reload: added / changed / removed
     signature: tuple[Any, ...] | None = None
     timers: dict[str, Timer] = field(default_factory=dict)  # the machine's armed timers
+    readiness: Readiness = field(default_factory=Readiness)  # what it said over sd_notify
 
     def __post_init__(self) -> None:
         if self.machine is None:
@@ -129,23 +134,68 @@ class PluginProcess:
             "output_lines": self.output_lines,
             "error": self.error,
             "change": self.change,
+            **self.readiness.view(self.machine.clock()),
+            # without ready: notify, a plugin is ready while it runs (as a Kubernetes probe)
+            "ready": self.readiness.ready or (self.decision.options.ready is None
+                                              and self.state == State.RUNNING),
+            "ready_mode": self.decision.options.ready,
+            "scope": self.decision.options.scope,
         }
 
 
-def spawn(decision: Decision, env: dict[str, str]) -> Run:
-    """Start one run: own session and process group, stdin from /dev/null, no inherited fds."""
+_default_containment: Containment | None = None
+
+
+def spawn(decision: Decision, env: dict[str, str], containment: Containment | None = None,
+          announce: Callable[[int], None] | None = None) -> Run:
+    """Start one run: own session and process group, stdin from /dev/null, no inherited fds,
+    contained and limited by an exec'd prologue (containment.py): no preexec_fn, no fork() of
+    the host, so the cost does not grow with the host's memory.
+
+    ``announce(pid)`` tells the guardian.  Without cgroups the plugin waits for it: its prologue
+    reads one line from a pipe that is written only after ``announce`` returned (and reaches
+    end-of-file if the host dies first), so no plugin ever runs unknown to the guardian."""
+    global _default_containment
     assert decision.command is not None
-    popen = subprocess.Popen(
-        decision.command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-        close_fds=True,
-        preexec_fn=limits.preexec_for(decision.options),
-    )
-    run = Run(popen, popen.pid, time.monotonic(), time.time())
+    if containment is None:
+        if _default_containment is None:
+            _default_containment = Containment.detect("session")
+        containment = _default_containment
+    check_executable(decision.command[0], env)
+    cages = containment.prepare(decision.options)  # before the spawn: the guardian sweeps them
+    gate_r, gate_w = os.pipe() if not cages else (subprocess.DEVNULL, None)
+    try:
+        popen = subprocess.Popen(
+            containment.command(decision.command, decision.options, cages, os.getpid(),
+                                gate=gate_w is not None),
+            stdin=gate_r,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except BaseException:
+        for path in cages:
+            cgroups.remove(path)
+        if gate_w is not None:
+            os.close(gate_w)
+        raise
+    finally:
+        if gate_w is not None:
+            os.close(gate_r)
+    cgroups.register(popen.pid, cages)
+    try:
+        if announce is not None:
+            announce(popen.pid)
+    finally:
+        if gate_w is not None:
+            try:
+                os.write(gate_w, b"go\n")
+            except OSError:
+                pass  # it died already
+            os.close(gate_w)
+    run = Run(popen, popen.pid, time.monotonic(), time.time(), cages=cages)
     for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
         assert pipe is not None
         fd = pipe.fileno()

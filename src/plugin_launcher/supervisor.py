@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from . import limits
+from .containment import Containment
 from .guardian import GroupEnder, live_groups, signal_group
 from .guardian_client import GuardianClient
+from .liveness import Liveness
 from .logs import RingBuffer, RotatingLog, log_path
 from .machine import (
     RUN_STATES,
@@ -41,6 +43,7 @@ from .machine import (
 from .output import Sink, safe_logger
 from .plan import Decision
 from .process import ACTIVE_STATES, PluginProcess, Run, State, spawn
+from .status_page import LAST_LINES
 from .timers import Timer, TimerHeap
 
 log = safe_logger("plugin_launcher.supervisor")  # names and paths escaped
@@ -51,6 +54,9 @@ POLL_WITHOUT_PIDFD = 0.1
 MAX_SELECT_TIMEOUT = 3600.0  # epoll refuses ~24.8 days; a later timer is simply waited in steps
 LOOP_ERROR_DELAY = (0.01, 1.0)  # a failing loop round waits this long, doubling, before retrying
 STATUS_INTERVAL = 0.2  # the published status snapshot is refreshed at most this often
+CALL_TIMEOUT = 10.0  # a healthy loop answers a command within one round (milliseconds)
+_OUTPUTS = ("outputs",)  # selector data of the nested selector holding every plugin pipe
+_WRITABLE = ("writable",)  # selector data of a sink or guardian pipe awaited for writability
 
 
 def group_alive(pgid: int) -> bool:
@@ -60,6 +66,10 @@ def group_alive(pgid: int) -> bool:
 class OperationError(RuntimeError):
     """An operator request that cannot be done now (e.g. signalling a plugin that is not
     running); the message is one line for the operator."""
+
+
+class SupervisorStuck(RuntimeError):
+    """The supervisor thread did not answer in time (a sink or log handler blocks it)."""
 
 
 class _ThreeArgumentSink:
@@ -104,8 +114,16 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         log_fields: tuple[str, int | None] = ("", None),
+        output_batch: float = 0.0,
     ) -> None:
         self.sink = adapt_sink(sink)
+        # A sink with flow control (StreamSink, JsonSink) never blocks: it buffers, and the loop
+        # stops reading plugin pipes while it is full (see _flow_control).
+        self._flow: Any = sink if all(
+            hasattr(sink, a) for a in ("fileno", "pending", "full", "flush")) else None
+        self._flow_fd: int | None = None  # registered for EVENT_WRITE while lines are pending
+        self._guardian_fd: int | None = None  # likewise for the guardian's pipe
+        self.output_batch = output_batch  # seconds to let output gather after each read
         self.log_fields = log_fields  # role and worker ID, for log_file templates
         self.rings: dict[str, RingBuffer] = {}  # name -> its last lines (survive restarts)
         self.taps: dict[str, list[Callable[[str, bytes], None]]] = {}  # name -> followers
@@ -121,6 +139,13 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        # Every plugin pipe sits in a nested selector, itself one entry of the main one: pausing
+        # all plugin reading (a full sink, or the output batch interval) is one unregister.
+        self._outputs = selectors.DefaultSelector()
+        self._outputs_on = False
+        self._batch_hold = False  # output was just read: let more gather (output_batch)
+        self._sink_hold = False  # the sink is full: leave the lines in the pipes
+        self._set_outputs(True)
         self._commands: deque[Callable[[], None]] = deque()
         self._timers = TimerHeap()
         self._waiters: list[tuple[Callable[[], bool], threading.Event]] = []
@@ -136,21 +161,29 @@ class Supervisor:
         self._published_at = float("-inf")
         self._publish_timer = False
         self.guardian = GuardianClient()
+        self.containment: Containment | None = None  # chosen at start (containment.py)
+        self._guardian_started = 0.0
+        self.liveness = Liveness(self)  # sd_notify socket, watchdogs, host locks
         self._thread = threading.Thread(target=self._loop, name="plugin-supervisor", daemon=True)
 
     # ----------------------------------------------------------------- other threads' interface
     def start(self) -> None:
+        self.containment = Containment.detect()
+        self.guardian.cgroup_roots = list(self.containment.roots)
         self.guardian.start()
+        self._watch_guardian()
         self._thread.start()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the supervisor thread and return its result."""
+    def call(self, fn: Callable[[], T], timeout: float | None = CALL_TIMEOUT) -> T:
+        """Run ``fn`` on the supervisor thread and return its result.  ``SupervisorStuck`` if
+        the thread has not run it within ``timeout`` seconds (it may still run it later)."""
         if threading.current_thread() is self._thread or not self._thread.is_alive():
             return fn()
+        deadline = None if timeout is None else time.monotonic() + timeout
         done = threading.Event()
         box: dict[str, Any] = {}
 
@@ -164,9 +197,12 @@ class Supervisor:
 
         self._commands.append(command)
         self.wake()
-        while not done.wait(1.0):
+        while not done.wait(1.0 if deadline is None else min(1.0, deadline - time.monotonic())):
             if not self._thread.is_alive():
                 raise RuntimeError("plugin supervisor thread has died")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise SupervisorStuck(f"the plugin supervisor thread did not answer within "
+                                      f"{timeout:g}s (a sink or log handler may be blocking it)")
         if "error" in box:
             raise box["error"]
         return box["result"]  # type: ignore[no-any-return]
@@ -178,23 +214,78 @@ class Supervisor:
             pass  # already awake
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait until ``predicate()`` holds on the loop; False after ``timeout`` seconds, or if
+        the loop thread did not answer within that time (or ``CALL_TIMEOUT`` without one)."""
         event = threading.Event()
+        entry = (predicate, event)
+        deadline = None if timeout is None else time.monotonic() + timeout
 
         def register() -> None:
             if predicate():
                 event.set()
             else:
-                self._waiters.append((predicate, event))
+                self._waiters.append(entry)
 
-        self.call(register)
-        return event.wait(timeout)
+        def unregister() -> None:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
 
-    def close(self) -> None:
-        """End the loop thread (plugins must already be stopped) and release the guardian."""
+        try:
+            self.call(register, CALL_TIMEOUT if timeout is None else min(timeout, CALL_TIMEOUT))
+        except SupervisorStuck:
+            return False
+        while not event.wait(1.0 if deadline is None else
+                             max(0.0, min(1.0, deadline - time.monotonic()))):
+            if not self._thread.is_alive():
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                self._commands.append(unregister)  # no predicate left behind on the loop
+                self.wake()
+                return False
+        return True
+
+    def responsive(self, timeout: float) -> bool:
+        """True if the loop thread runs a command within ``timeout`` seconds."""
+        try:
+            self.call(lambda: None, timeout)
+        except SupervisorStuck:
+            return False
+        return True
+
+    def known_groups(self) -> dict[int, float]:
+        """Every process group this supervisor may still have to end -> its stop timeout.
+        Safe from another thread while the loop is stuck (copies are retried if it moves)."""
+        for _ in range(10):
+            try:
+                groups = {pgid: 0.0 for pgid in list(self._ending.deadlines)}
+                for proc in list(self.procs.values()):
+                    run = proc.run
+                    if run is not None and proc.state in ACTIVE_STATES:
+                        groups[run.pgid] = proc.decision.options.stop_timeout
+                return groups
+            except RuntimeError:  # changed size during iteration: the loop is alive after all
+                continue
+        return {}
+
+    def close(self, timeout: float | None = None) -> None:
+        """End the loop thread (plugins must already be stopped) and release the guardian.
+        ``timeout``: how long a loop that does not answer is waited for; it is then left
+        behind (a daemon thread) with its descriptors, rather than blocking the caller."""
         if self._thread.is_alive():
-            self.call(self._request_close)
-            self._thread.join()
+            try:
+                self.call(self._request_close, timeout)
+            except SupervisorStuck:
+                pass
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.guardian.close()
+                self._release_containment()
+                self.liveness.release_locks()  # its plugins were ended from the caller's thread
+                return  # still in use by the stuck thread: closing them could hit a reused fd
         self.guardian.close()
+        self._release_containment()
+        self.liveness.close()
+        self._outputs.close()
         self._selector.close()
         for writer in self._log_files.values():
             writer.close()
@@ -211,6 +302,51 @@ class Supervisor:
     def after(self, delay: float, fn: Callable[[], None]) -> None:
         """Call ``fn`` on the loop after ``delay`` seconds (supervisor thread only)."""
         self._after(delay, fn)
+
+    # ------------------------------------------------------- the guardian, itself supervised
+    def _watch_guardian(self) -> None:
+        """Notice the guardian's death at once (its pidfd on the loop)."""
+        self._guardian_started = self.clock()
+        fd = self.guardian.pidfd
+        if fd is not None:
+            self.add_reader(fd, self._guardian_died)
+
+    def _guardian_died(self) -> None:
+        fd = self.guardian.pidfd
+        if fd is not None:
+            self._selector.unregister(fd)
+        # its pipe is about to be closed: no longer awaited for writability
+        self._guardian_fd = self._watch_writable(self._guardian_fd, None, False)
+        soon = self._guardian_started + 1.0 - self.clock()
+        if soon > 0:  # one that dies at once is not restarted in a loop: once a second at most
+            self._after(soon, self._replace_guardian)
+        else:
+            self._replace_guardian()
+
+    def _replace_guardian(self) -> None:
+        if self._closing:
+            return
+        old = self.guardian.pid
+        code = self.guardian.replace()
+        groups = self.known_groups()
+        for pgid, timeout in groups.items():
+            self.guardian.watch(pgid, timeout)
+        self.guardian.flush()
+        log.warning("the guardian process (pid %s) ended (%s); started a new one (pid %s) "
+                    "watching %d plugin groups", old,
+                    f"signal {-code}" if code is not None and code < 0 else f"code {code}",
+                    self.guardian.pid, len(groups))
+        self._watch_guardian()
+
+    def _announce(self, pgid: int, stop_timeout: float) -> None:
+        """Tell the guardian about a new group now, not after the batch (process.spawn holds the
+        plugin back until this returns where no cgroup holds it)."""
+        self.guardian.watch(pgid, stop_timeout)
+        self.guardian.flush()
+
+    def _release_containment(self) -> None:
+        if self.containment is not None:
+            self.containment.close()
 
     def _request_close(self) -> None:
         self._closing = True
@@ -283,7 +419,14 @@ class Supervisor:
         return found
 
     def status(self) -> list[dict[str, Any]]:
-        return [p.status() for p in self.procs.values()]
+        return [{**p.status(), **self.liveness.view(p), "last_lines": self._last_lines(p.name)}
+                for p in self.procs.values()]
+
+    def _last_lines(self, name: str) -> list[str]:
+        """The plugin's newest few lines, for the status page (invalid UTF-8 replaced)."""
+        ring = self.rings.get(name)
+        return [] if ring is None else [line.decode("utf-8", "replace")
+                                        for line in ring.last(LAST_LINES)]
 
     # ------------------------------------------------------- operator requests (on the loop)
     def operator_stop(self, name: str, timeout: float | None = None) -> None:
@@ -389,12 +532,14 @@ class Supervisor:
                 continue  # closed (or even reused) by an earlier handler of this same round
             if key.data is None:
                 self._run_commands()
-            else:
+            elif key.data is _OUTPUTS:
+                self._read_outputs()
+            elif key.data is not _WRITABLE:
                 handler, proc, run = key.data
                 handler(proc, run, key.fd)
         for fn in self._timers.due(self.clock()):
             fn()
-        self.guardian.flush()
+        self._flow_control()
         if self._changed:
             self._changed = False
             for listener in self.listeners:
@@ -409,6 +554,59 @@ class Supervisor:
                 else:
                     remaining.append((predicate, event))
             self._waiters = remaining
+
+    # -------------------------------------------------------------- output path, never blocking
+    def _read_outputs(self) -> None:
+        """Every plugin pipe that has something, read once (up to 64 KiB each)."""
+        fd_map = self._outputs.get_map()
+        for key, _mask in self._outputs.select(0):
+            if fd_map.get(key.fd) is key:
+                handler, proc, run = key.data
+                handler(proc, run, key.fd)
+        if self.output_batch > 0 and not self._batch_hold:
+            # Low-cost mode: leave the pipes alone for a moment so that the next wake-up (one
+            # GIL acquisition in the host) handles many lines; exits, signals, commands and
+            # timers still wake the loop at once.
+            self._batch_hold = True
+            self._after(self.output_batch, self._end_batch)
+
+    def _end_batch(self) -> None:
+        self._batch_hold = False  # the end of this round turns reading back on
+
+    def _set_outputs(self, on: bool) -> None:
+        if on != self._outputs_on:
+            self._outputs_on = on
+            if on:
+                self._selector.register(self._outputs.fileno(), selectors.EVENT_READ, _OUTPUTS)
+            else:
+                self._selector.unregister(self._outputs.fileno())
+
+    def _watch_writable(self, current: int | None, fd: int | None, wanted: bool) -> int | None:
+        """Keep ``fd`` registered for EVENT_WRITE exactly while ``wanted``; returns what is."""
+        if wanted and current is None and fd is not None:
+            self._selector.register(fd, selectors.EVENT_WRITE, _WRITABLE)
+            return fd
+        if not wanted and current is not None:
+            self._selector.unregister(current)
+            return None
+        return current
+
+    def _flow_control(self) -> None:
+        """End of each round: push pending output and guardian messages as far as their readers
+        take them now (never waiting), wait for writability where something is left, and read
+        plugin pipes only while the sink has room and no batch interval is running."""
+        guardian = self.guardian
+        guardian.flush()
+        self._guardian_fd = self._watch_writable(self._guardian_fd, guardian.fd,
+                                                 guardian.wants_write())
+        flow = self._flow
+        if flow is not None:
+            if flow.pending():
+                flow.flush()
+            self._flow_fd = self._watch_writable(self._flow_fd, flow.fileno(),
+                                                 bool(flow.pending()))
+            self._sink_hold = flow.full()
+        self._set_outputs(not (self._sink_hold or self._batch_hold))
 
     def _run_commands(self) -> None:
         try:
@@ -488,8 +686,13 @@ class Supervisor:
             proc.error = decision.error
             self._feed(proc, lambda: proc.machine.cannot_run(str(decision.error)))
             return
+        if not self.liveness.may_spawn(proc):  # scope: host, another launcher runs it
+            return
+        stop_timeout = decision.options.stop_timeout
         try:
-            run = spawn(decision, self.environment(decision))
+            env = self.liveness.environment(decision, self.environment(decision))
+            run = spawn(decision, env, self.containment,
+                        lambda pid: self._announce(pid, stop_timeout))
         except (OSError, subprocess.SubprocessError) as exc:
             error = proc.error = f"cannot start {decision.command[0]}: {exc}"
             proc.run = None
@@ -500,15 +703,15 @@ class Supervisor:
         self._plugin_logs[proc.name] = self._log_for(proc)
         proc.error = None
         proc.started_wall = run.started_wall
-        self.guardian.watch(run.pgid, decision.options.stop_timeout)
         for fd in run.open_fds:
-            self._selector.register(fd, selectors.EVENT_READ, (self._on_output, proc, run))
+            self._outputs.register(fd, selectors.EVENT_READ, (self._on_output, proc, run))
         if run.pidfd is not None:
             self._selector.register(run.pidfd, selectors.EVENT_READ, (self._on_exit, proc, run))
         elif not self._poll_timer:
             self._poll_timer = True
             self._after(POLL_WITHOUT_PIDFD, self._poll_exits)
         log.info("started plugin %s (pid %d): %s", proc.name, run.pid, " ".join(decision.command))
+        self.liveness.started(proc, run)
         self._feed(proc, proc.machine.spawned)
 
     def _terminate(self, run: Run, grace: float) -> None:
@@ -518,6 +721,8 @@ class Supervisor:
 
     # --------------------------------------------------------------------------------- events
     def _on_output(self, proc: PluginProcess, run: Run, fd: int) -> None:
+        if self._flow is not None and self._flow.full():
+            return  # left in the pipe; reading pauses at the end of this round
         try:
             chunk = os.read(fd, READ_SIZE)
         except BlockingIOError:
@@ -565,7 +770,7 @@ class Supervisor:
                 return
 
     def _close_stream(self, run: Run, fd: int) -> None:
-        self._selector.unregister(fd)
+        self._outputs.unregister(fd)
         del run.open_fds[fd]
         run.pipes.pop(fd).close()
 
@@ -629,6 +834,7 @@ class Supervisor:
         if run.limit_hit is None and code < 0:
             run.limit_hit = limits.limit_for_signal(proc.decision.options, -code)
         limit_hit = run.limit_hit
+        self.liveness.ended(proc)
         self._feed(proc, lambda: proc.machine.ended(code, limit_hit))
 
     # ------------------------------------------------------------------------ group endings
