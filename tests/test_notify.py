@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import shutil
@@ -10,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -320,3 +322,262 @@ def test_kit_every_pets_the_watchdog_until_a_call_hangs(notify_socket: NotifySoc
 
 def receive_nowait(sock: NotifySocket) -> list[bytes]:
     return [d.data for d in sock.receive()]
+
+
+# ----------------------------------------------------------------------- in a real launcher
+from helpers import CLI, start, status_of, write_plugin  # noqa: E402
+
+from plugin_launcher import PluginLauncher  # noqa: E402
+from plugin_launcher.status_server import serve_status  # noqa: E402
+
+SDNOTIFY_PLUGIN = """\
+import os, sdnotify, time
+n = sdnotify.SystemdNotifier()
+print("loading", flush=True)  # a line, but not READY=1: still starting
+with open(os.environ["OUT"] + "/socket", "w") as f:
+    f.write(os.environ["NOTIFY_SOCKET"])
+n.notify("STATUS=loading the model")
+while not os.path.exists(os.environ["OUT"] + "/go"):
+    time.sleep(0.02)
+n.notify("READY=1\\nSTATUS=serving")
+while True:
+    time.sleep(1)
+"""
+
+BASH_PLUGIN = """\
+#!/bin/bash
+echo "warming up"
+until [ -e "$OUT/go" ]; do sleep 0.02; done
+systemd-notify --ready --status="bash is up"
+exec sleep 60
+"""
+
+
+def launch(plugin_dir: Path, launchers: list[PluginLauncher], options: dict[str, object]
+           ) -> PluginLauncher:
+    config = {"plugin_locations": [str(plugin_dir)],
+              "plugin_options": {"default": {"stop_timeout": 1}, **options}}
+    return start(PluginLauncher(config, "worker", output_batch=0), launchers)
+
+
+def test_sdnotify_and_systemd_notify_plugins_become_ready(
+        plugin_dir: Path, launchers: list[PluginLauncher], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, logs: object) -> None:
+    pytest.importorskip("sdnotify")
+    if shutil.which("systemd-notify") is None:
+        pytest.skip("systemd-notify is not installed")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")  # the launcher's own: not passed
+    write_plugin(plugin_dir, "all_py.py", SDNOTIFY_PLUGIN)
+    write_plugin(plugin_dir, "all_sh.sh", BASH_PLUGIN)
+    launcher = launch(plugin_dir, launchers, {"all_py.py": {"ready": "notify"},
+                                              "all_sh.sh": {"ready": "notify"}})
+    entry = wait_for(lambda: (e := status_of(launcher, "all_py.py")) and e["output_lines"]
+                     and e["status_text"] == "loading the model" and e, 10,
+                     message="the first line and status text")
+    assert (entry["state"], entry["ready"], entry["ready_mode"]) == ("starting", False, "notify")
+    path = (tmp_path / "socket").read_text()
+    assert path != "/run/systemd/notify" and stat.S_ISSOCK(os.stat(path).st_mode)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:  # not a plugin: ignored
+        s.sendto(b"READY=1", path)
+    sh = wait_for(lambda: (e := status_of(launcher, "all_sh.sh")) and e["output_lines"] and e,
+                  10, message="the bash plugin's first line")
+    assert sh["state"] == "starting"
+    (tmp_path / "go").touch()
+    for name, text in (("all_py.py", "serving"), ("all_sh.sh", "bash is up")):
+        done = wait_for(lambda n=name: (e := status_of(launcher, n)) and e["ready"] and e, 10,
+                        message=f"{name} to be ready")
+        assert (done["state"], done["status_text"]) == ("running", text)
+
+
+WATCHED = """\
+import os, time
+from plugin_launcher.plugin import PluginContext
+ctx = PluginContext.from_env()
+
+def work():
+    if os.path.exists(os.environ["OUT"] + "/hang"):
+        time.sleep(3600)  # hung: every() stops petting
+
+ctx.every(0.1, work)
+"""
+
+
+def test_plugin_that_stops_petting_is_restarted(plugin_dir: Path,
+                                                launchers: list[PluginLauncher],
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                logs: object) -> None:
+    monkeypatch.setenv("OUT", str(tmp_path))
+    write_plugin(plugin_dir, "all_watched.py", WATCHED)
+    launcher = launch(plugin_dir, launchers, {"all_watched.py": {
+        "watchdog": 1.0, "restart": "on-failure", "backoff": {"initial": 0.05, "max": 0.05}}})
+    first = wait_for(lambda: (e := status_of(launcher, "all_watched.py"))
+                     and e["state"] == "running" and e, 10, message="it to run")
+    assert first["watchdog"] == 1.0
+    time.sleep(1.5)  # (asserting an absence) longer than the watchdog: pets keep it alive
+    assert status_of(launcher, "all_watched.py")["pid"] == first["pid"]
+    assert 0 < status_of(launcher, "all_watched.py")["watchdog_left"] <= 1.0
+    (tmp_path / "hang").touch()
+    hung_at = time.monotonic()
+    wait_for(lambda: logs.having("plugin all_watched.py missed its watchdog: no WATCHDOG=1 "
+                                 "for 1s; stopping it as a failure"), 10,
+             message="the missed watchdog line")
+    detected = time.monotonic() - hung_at
+    (tmp_path / "hang").unlink()
+    again = wait_for(lambda: (e := status_of(launcher, "all_watched.py")) and e["restarts"] == 1
+                     and e["state"] == "running" and e, 10, message="a restart")
+    assert again["pid"] != first["pid"]
+    assert logs.having("plugin all_watched.py killed by SIG", "(missed its watchdog: no "
+                       "WATCHDOG=1 for 1s); restarting in")
+    assert detected < 2.5, detected  # within the watchdog period (1 s) plus a pet interval
+
+
+def test_ready_timeout_and_watchdog_trigger_are_failures(
+        plugin_dir: Path, launchers: list[PluginLauncher], logs: object) -> None:
+    write_plugin(plugin_dir, "all_silent.sh", "#!/bin/bash\necho up\nexec sleep 60\n")
+    write_plugin(plugin_dir, "all_trigger.py", (
+        "import sdnotify, time\nn = sdnotify.SystemdNotifier()\n"
+        "n.notify('READY=1')\ntime.sleep(0.3)\nn.notify('WATCHDOG=trigger')\ntime.sleep(60)\n"))
+    launcher = launch(plugin_dir, launchers, {"all_silent.sh": {"ready": "notify",
+                                                                 "ready_timeout": 0.5},
+                                              "all_trigger.py": {"ready": "notify"}})
+    silent = wait_for(lambda: (e := status_of(launcher, "all_silent.sh"))
+                      and e["state"] == "exited" and e, 10, message="the ready timeout")
+    assert silent["ended_by"] == "not ready after 0.5s" and silent["signal"] == "SIGTERM"
+    assert logs.having("plugin all_silent.sh sent no READY=1 within 0.5s (ready_timeout); "
+                       "stopping it as a failure")
+    trigger = wait_for(lambda: (e := status_of(launcher, "all_trigger.py"))
+                       and e["state"] == "exited" and e, 10, message="the watchdog trigger")
+    assert trigger["ended_by"] == "asked for its watchdog (WATCHDOG=trigger)"
+
+
+def fetch_code(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            return answer.status, answer.read().decode().strip()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode().strip()
+
+
+def test_healthz_and_readyz_follow_the_plugins(plugin_dir: Path,
+                                               launchers: list[PluginLauncher],
+                                               tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OUT", str(tmp_path))
+    write_plugin(plugin_dir, "all_py.py", SDNOTIFY_PLUGIN)
+    write_plugin(plugin_dir, "all_crash.sh", (
+        '#!/bin/bash\nuntil [ -e "$OUT/crash" ]; do sleep 0.02; done\nexit 4\n'))
+    launcher = launch(plugin_dir, launchers, {
+        "all_py.py": {"ready": "notify"},
+        "all_crash.sh": {"restart": "on-failure", "max_restarts": 1,
+                         "backoff": {"initial": 0.3, "max": 0.3}}})
+    server = serve_status(launcher.status_snapshot, "127.0.0.1", 0)
+    try:
+        port = server.server_address[1]
+        wait_for(lambda: fetch_code(port, "/readyz") == (
+            503, "plugin all_py.py is not ready (starting; no READY=1 yet)"), 10,
+            message="/readyz 503 while starting")
+        assert fetch_code(port, "/healthz") == (200, "ok")
+        (tmp_path / "go").touch()
+        wait_for(lambda: fetch_code(port, "/readyz") == (200, "ready"), 10,
+                 message="/readyz 200 once ready")
+        (tmp_path / "crash").touch()
+        wait_for(lambda: status_of(launcher, "all_crash.sh")["state"] == "backoff", 10,
+                 message="the first crash")
+        assert fetch_code(port, "/healthz") == (200, "ok")  # waiting to restart: healthy
+        wait_for(lambda: fetch_code(port, "/healthz") == (
+            503, "plugin all_crash.sh failed (exited with code 4; gave up)"), 10,
+            message="/healthz 503 once it gave up")
+        assert fetch_code(port, "/readyz") == (200, "ready")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_cli(plugin_dir: Path, tmp_path: Path, command: list[str], ready_timeout: float,
+            ) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"plugin_locations": [str(plugin_dir)], "plugin_options": {
+        "default": {"stop_timeout": 1},
+        "all_py.py": {"ready": "notify", "ready_timeout": ready_timeout}}}))
+    return subprocess.run([*CLI, "run", "--role", "worker", "--config", str(config),
+                           "--wait-ready", "--", *command], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "OUT": str(tmp_path)},
+                          stdin=subprocess.DEVNULL)
+
+
+def test_wait_ready_orders_command_after_readiness(plugin_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("sdnotify")
+    write_plugin(plugin_dir, "all_py.py", SDNOTIFY_PLUGIN.replace(
+        'while not os.path.exists(os.environ["OUT"] + "/go"):\n    time.sleep(0.02)\n',
+        'time.sleep(0.5)\nopen(os.environ["OUT"] + "/ready-sent", "w").close()\n'))
+    result = run_cli(plugin_dir, tmp_path, ["sh", "-c", 'test -e "$OUT/ready-sent" && '
+                                            'echo "command ran after ready"; exit 7'], 20)
+    assert result.returncode == 7, result.stderr
+    assert "command ran after ready" in result.stdout
+    assert "--wait-ready: starting sh once all_py.py is ready (at most 20s)" in result.stderr
+    assert "--wait-ready: ready; starting sh" in result.stderr
+
+
+def test_wait_ready_fails_clearly_and_never_starts_command(plugin_dir: Path,
+                                                           tmp_path: Path) -> None:
+    write_plugin(plugin_dir, "all_py.py", "import time\nprint('never ready', flush=True)\n"
+                                          "time.sleep(60)\n")
+    result = run_cli(plugin_dir, tmp_path, ["sh", "-c", 'touch "$OUT/ran"'], 0.5)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "--wait-ready" in line]
+    assert any("ERROR --wait-ready: plugin all_py.py ended before it was ready (not ready "
+               "after 0.5s); not starting sh" in line for line in lines), result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+# ------------------------------------------------------------------- the machine's new rules
+def machine(**options: object):  # type: ignore[no-untyped-def]
+    from plugin_launcher.machine import PluginMachine
+
+    clock = [0.0]
+    return PluginMachine(PluginOptions(**options), lambda: clock[0])  # type: ignore[arg-type]
+
+
+def test_machine_ready_notify_rules() -> None:
+    from plugin_launcher.machine import Arm, Cancel, Log, State, Terminate
+
+    m = machine(ready="notify", ready_timeout=30.0)
+    m.start()
+    assert m.spawned() == [Arm("ready", 30.0)]  # no "up" timer: output does not count
+    assert m.output() == [] and m.state == State.STARTING
+    assert m.extend_ready(45.0) == [Arm("ready", 45.0)]
+    assert m.ready() == [Cancel("ready"), Log(20, "is ready")]
+    assert m.state == State.RUNNING and m.ready() == []
+    assert m.watchdog_missed("missed its watchdog")[-1] == Terminate(5.0)
+    assert m.state == State.STOPPING and m.ended_by == "missed its watchdog"
+    m.ended(-15)
+    assert m.last_failure and m.state == State.EXITED  # restart: never
+    m.start()
+    assert m.ended_by is None  # a new run starts clean
+    m.spawned()
+    actions = m.fired("ready")
+    assert Log(30, "sent no READY=1 within 30s (ready_timeout); stopping it as a failure") \
+        in actions and m.ended_by == "not ready after 30s"
+    plain = machine()
+    plain.start()
+    plain.spawned()
+    assert plain.ready() == [] and plain.state == State.STARTING  # READY=1 is data only
+
+
+def test_machine_standby_rules() -> None:
+    from plugin_launcher.machine import ACTIVE_STATES, Renew, Spawn, State
+
+    m = machine(scope="host")
+    assert m.start() == [Spawn()]
+    assert m.standby() == [] and m.state == State.STANDBY
+    assert State.STANDBY in ACTIVE_STATES  # `run` stays up to take over
+    assert m.start() == [Spawn()] and m.state == State.STARTING  # the lock came free
+    m.standby()
+    assert m.stop() == [] and m.state == State.STOPPED
+    m.start()
+    m.standby()
+    assert m.replace() == [Renew()] and m.state == State.STOPPED

@@ -48,6 +48,7 @@ from .supervisor import SupervisorStuck
 log = safe_logger("plugin_launcher.cli")  # names and paths escaped
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PROGRESS_EVERY = 1.0  # seconds between "waiting for plugin" lines while stopping
+WAIT_READY_MARGIN = 1.0  # --wait-ready: past the longest ready_timeout, for its stop to show
 
 
 class UsageError(Exception):
@@ -140,6 +141,9 @@ def build_parser() -> Parser:
                      help="serve GET /status and /metrics here (host defaults to 127.0.0.1)")
     run.add_argument("--watch", action="store_true",
                      help="follow the plugin folders: start, stop and restart plugins live")
+    run.add_argument("--wait-ready", action="store_true",
+                     help="with -- COMMAND: start COMMAND only once every `ready: notify` "
+                     "plugin has sent READY=1 (exit 1 after the longest ready_timeout)")
     run.add_argument("--control", nargs="?", const="auto", metavar="PATH",
                      help="serve `plugin-launcher ctl` on this Unix socket (mode 0600; no PATH "
                      "or 'auto': $XDG_RUNTIME_DIR/plugin-launcher/<role>-<worker>.sock)")
@@ -372,6 +376,9 @@ def _run(args: argparse.Namespace, command: list[str], sink: StreamSink, batch: 
         except ControlError as exc:
             raise UsageError(f"--control: {exc}") from None
     stay = launcher.config.watch_plugins or control is not None  # plugins may start again
+    if args.wait_ready and not command:
+        raise UsageError("--wait-ready: needs a COMMAND after -- (it orders COMMAND after the "
+                         "plugins' readiness)")
     try:
         launcher.launch_plugins()
         if why is not None:
@@ -383,6 +390,10 @@ def _run(args: argparse.Namespace, command: list[str], sink: StreamSink, batch: 
         if server is not None:  # logged once plugins (and any watch) are in place
             bound = server.server_address
             log.info("serving status on http://%s:%d/status and /metrics", bound[0], bound[1])
+        if command and args.wait_ready:
+            early = _await_ready(launcher, command[0], selector, wake_r, notify_r)
+            if early is not None:
+                return early
         if command:
             try:
                 child = _start_command(command)
@@ -425,6 +436,55 @@ def _run(args: argparse.Namespace, command: list[str], sink: StreamSink, batch: 
         selector.close()
         for fd in (wake_r, wake_w, notify_r, notify_w):
             os.close(fd)
+
+
+def _await_ready(launcher: PluginLauncher, name: str, selector: selectors.BaseSelector,
+                 wake_r: int, notify_r: int) -> int | None:
+    """``--wait-ready``: wait until every ``ready: notify`` plugin is ready (None: start
+    COMMAND), else the exit status: 1 if one ended before it was ready or the longest
+    ``ready_timeout`` passed, 128+N if signal N came first."""
+    from .status_page import readiness
+
+    waiting = [p for p in launcher.plugins if p.decision.options.ready == "notify"]
+    if not waiting:
+        log.info("--wait-ready: no plugin has ready: notify; starting %s", name)
+        return None
+    limit = max(p.decision.options.ready_timeout for p in waiting)
+    deadline = time.monotonic() + limit + WAIT_READY_MARGIN  # its own timeout is seen first
+    log.info("--wait-ready: starting %s once %s %s ready (at most %gs)", name,
+             ", ".join(safe_name(p.name) for p in waiting),
+             "is" if len(waiting) == 1 else "are", limit)
+    while True:
+        status = launcher.status()
+        code, why = readiness(status)
+        if code == 200:
+            log.info("--wait-ready: ready; starting %s", name)
+            return None
+        for entry in status:
+            if entry.get("ready_mode") == "notify" and entry["state"] in (
+                    "failed", "exited", "stopped") and not entry.get("ready"):
+                code_text = (describe_returncode(entry["returncode"])
+                             if entry.get("returncode") is not None else entry["state"])
+                end = entry.get("ended_by") or entry.get("error") or code_text
+                log.error("--wait-ready: plugin %s ended before it was ready (%s); not "
+                          "starting %s", entry["name"], end, name)
+                return 1
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log.error("--wait-ready: %s after the longest ready_timeout (%gs); not starting %s",
+                      why, limit, name)
+            return 1
+        for key, _ in selector.select(min(left, 1.0)):
+            if key.data == "notify":
+                _drain(notify_r)
+            elif key.data == "signal":
+                for signum in _drain(wake_r):
+                    if signum == signal.SIGHUP:
+                        launcher.reload()
+                    else:
+                        log.info("%s before the plugins were ready: stopping plugins (%s not "
+                                 "started)", signal.Signals(signum).name, name)
+                        return 128 + signum
 
 
 def _output_sink(args: argparse.Namespace) -> StreamSink:

@@ -20,6 +20,10 @@ processes and without waiting (tests/test_machine.py).
 A plugin is ``starting`` from its spawn until it has run for ``STARTSECS`` or printed its first
 output line, whichever comes first; then ``running``.  A run that ends while ``starting`` is
 judged like any other (its restart policy decides), unlike supervisord's start retries.
+A ``ready: notify`` plugin stays ``starting`` until it sends READY=1 (``ready``), and its run
+fails if that does not come within ``ready_timeout``; a missed watchdog (``watchdog_missed``)
+ends the run as a failure the same way.  A ``scope: host`` plugin whose host lock another
+launcher holds waits in ``standby`` (no process) until the supervisor takes the lock over.
 """
 
 from __future__ import annotations
@@ -43,12 +47,14 @@ class State(str, Enum):
     EXITED = "exited"
     FAILED = "failed"
     STOPPED = "stopped"
+    STANDBY = "standby"  # scope: host, another launcher of the host runs it
 
     def __str__(self) -> str:
         return self.value
 
 
-ACTIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING})
+ACTIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING,
+                           State.STANDBY})
 RUN_STATES = frozenset({State.STARTING, State.RUNNING, State.STOPPING})  # a process exists
 
 
@@ -62,6 +68,7 @@ class Event(str, Enum):
     RETRY = "retry"  # the run ended (or could not start): restart after a backoff
     GIVE_UP = "give-up"  # past max_restarts, or the plugin cannot run at all
     STOPPED = "stopped"  # the run ended after a stop
+    STANDBY = "standby"  # scope: host: another launcher holds the host lock; no run here
 
     def __str__(self) -> str:
         return self.value
@@ -70,7 +77,9 @@ class Event(str, Enum):
 _S, _E = State, Event
 TRANSITIONS: dict[tuple[State, Event], State] = {
     **{(s, _E.START): _S.STARTING for s in (_S.STOPPED, _S.EXITED, _S.FAILED, _S.BACKOFF,
-                                            _S.STOPPING)},
+                                            _S.STOPPING, _S.STANDBY)},
+    (_S.STARTING, _E.STANDBY): _S.STANDBY,
+    (_S.STANDBY, _E.STOP): _S.STOPPED,
     (_S.BACKOFF, _E.RESTART): _S.STARTING,
     (_S.STARTING, _E.UP): _S.RUNNING,
     **{(s, e): _S.STOPPING for s in (_S.STARTING, _S.RUNNING) for e in (_E.STOP, _E.TIMEOUT)},
@@ -151,7 +160,8 @@ def shell_status(code: int) -> int:
 
 
 # --------------------------------------------------------------------------------- actions
-TimerKind = Literal["up", "timeout", "backoff"]
+TimerKind = Literal["up", "timeout", "backoff", "ready"]
+RUN_TIMERS: tuple[TimerKind, ...] = ("up", "timeout", "ready")  # dropped when a run ends
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,10 @@ class Options(Protocol):
     def stop_timeout(self) -> float: ...
     @property
     def timeout(self) -> float | None: ...
+    @property
+    def ready(self) -> str | None: ...
+    @property
+    def ready_timeout(self) -> float: ...
 
 
 Pending = Literal["start", "restart", "replace"]
@@ -235,6 +249,7 @@ class PluginMachine:
     run_started: float | None = None
     stop_requested: bool = False
     timed_out: bool = False
+    ended_by: str | None = None  # why the supervisor ended the run (not ready, watchdog)
 
     # ---------------------------------------------------------------------------- helpers
     def _go(self, event: Event) -> None:
@@ -253,6 +268,7 @@ class PluginMachine:
         self._go(event)
         self.run_started = None
         self.stop_requested = self.timed_out = False
+        self.ended_by = None
         return [Spawn()]
 
     # ----------------------------------------------------------------------------- events
@@ -287,17 +303,51 @@ class PluginMachine:
     def spawned(self) -> list[Action]:
         """The run's process exists (it is ``starting``)."""
         self.run_started = self.clock()
-        actions: list[Action] = [self._arm("up", STARTSECS)]
+        if self.options.ready == "notify":  # starting until READY=1, not until a first line
+            actions: list[Action] = [self._arm("ready", self.options.ready_timeout)]
+        else:
+            actions = [self._arm("up", STARTSECS)]
         if self.options.timeout is not None:
             actions.append(self._arm("timeout", self.options.timeout))
         return actions
 
     def output(self) -> list[Action]:
-        """The run printed a line: it has started."""
-        if self.state != State.STARTING:
+        """The run printed a line: it has started (a ``ready: notify`` run waits for READY=1)."""
+        if self.state != State.STARTING or self.options.ready == "notify":
             return []
         self._go(Event.UP)
         return self._cancel("up")
+
+    def ready(self) -> list[Action]:
+        """The run sent READY=1: a ``ready: notify`` plugin is running from now on."""
+        if self.state != State.STARTING or self.options.ready != "notify":
+            return []
+        self._go(Event.UP)
+        return [*self._cancel("ready"), Log(logging.INFO, "is ready")]
+
+    def extend_ready(self, delay: float) -> list[Action]:
+        """EXTEND_TIMEOUT_USEC while starting: READY=1 may now come within ``delay`` seconds."""
+        if self.state != State.STARTING or "ready" not in self.armed:
+            return []
+        return [self._arm("ready", delay)]
+
+    def watchdog_missed(self, why: str) -> list[Action]:
+        """The run missed its watchdog (or asked for it: WATCHDOG=trigger): end it, a failure
+        under the restart policy."""
+        return self._end_run(why, f"{why}; stopping it as a failure")
+
+    def _end_run(self, why: str, message: str) -> list[Action]:
+        if self.state not in (State.STARTING, State.RUNNING):
+            return []
+        self.ended_by = why
+        self._go(Event.TIMEOUT)
+        return [*self._cancel(*RUN_TIMERS), Log(logging.WARNING, message),
+                Terminate(self.options.stop_timeout)]
+
+    def standby(self) -> list[Action]:
+        """Instead of a spawn: another launcher of the host runs this ``scope: host`` plugin."""
+        self._go(Event.STANDBY)
+        return []
 
     def fired(self, timer: TimerKind) -> list[Action]:
         """A timer armed by this machine went off (cancelled timers never fire)."""
@@ -306,6 +356,10 @@ class PluginMachine:
             return self.output()
         if timer == "timeout":
             return self.timeout()
+        if timer == "ready":
+            limit = f"{self.options.ready_timeout:g}s"
+            return self._end_run(f"not ready after {limit}", f"sent no READY=1 within {limit} "
+                                 "(ready_timeout); stopping it as a failure")
         actions = self._spawn(Event.RESTART)  # checked first: a refused event changes nothing
         self.restarts += 1
         return actions
@@ -315,7 +369,7 @@ class PluginMachine:
             return []
         self.timed_out = True
         self._go(Event.TIMEOUT)
-        return [*self._cancel("up", "timeout"),
+        return [*self._cancel(*RUN_TIMERS),
                 Log(logging.WARNING, f"timed out after {self.options.timeout:g}s; stopping it"),
                 Terminate(self.options.stop_timeout)]
 
@@ -330,6 +384,9 @@ class PluginMachine:
             actions = self._cancel("backoff")
             self._go(Event.STOP)
             return actions
+        if self.state == State.STANDBY:
+            self._go(Event.STOP)
+            return []
         if self.state == State.STOPPING:
             if self.stop_requested:
                 return []
@@ -339,7 +396,7 @@ class PluginMachine:
             return []
         self.stop_requested = True
         self._go(Event.STOP)
-        return [*self._cancel("up", "timeout"), Terminate(grace)]
+        return [*self._cancel(*RUN_TIMERS), Terminate(grace)]
 
     def replace(self) -> list[Action]:
         """The plugin's file changed: end the run if any, then ``Renew``.  A held plugin is
@@ -354,7 +411,7 @@ class PluginMachine:
             self.pending = "replace"
             return []
         actions = self._cancel("backoff")
-        if self.state == State.BACKOFF:
+        if self.state in (State.BACKOFF, State.STANDBY):
             self._go(Event.STOP)
         return [*actions, Renew()]
 
@@ -362,7 +419,7 @@ class PluginMachine:
         """The plugin has no command (refused, unreadable): give up at once."""
         self.last_failure = True
         self._go(Event.GIVE_UP)
-        return [*self._cancel("up", "timeout"), Log(logging.ERROR, f"cannot run: {error}")]
+        return [*self._cancel(*RUN_TIMERS), Log(logging.ERROR, f"cannot run: {error}")]
 
     def spawn_failed(self, error: str) -> list[Action]:
         """The run could not be spawned: a failed run (its restart policy decides)."""
@@ -376,7 +433,10 @@ class PluginMachine:
             what += f" (timed out after {self.options.timeout:g}s)"
         if limit_hit is not None:
             what += f" (stopped by limit {limit_hit})"
-        failure = returncode != 0 or self.timed_out or limit_hit is not None
+        if self.ended_by is not None:
+            what += f" ({self.ended_by})"
+        failure = (returncode != 0 or self.timed_out or limit_hit is not None
+                   or self.ended_by is not None)
         if self.run_started is not None:
             if self.clock() - self.run_started >= self.options.backoff_reset:
                 self.backoff_step = 0
@@ -384,7 +444,7 @@ class PluginMachine:
         return self._over(what, failure=failure, level=level)
 
     def _over(self, what: str, *, failure: bool, level: int) -> list[Action]:
-        actions = self._cancel("up", "timeout")
+        actions = self._cancel(*RUN_TIMERS)
         self.last_failure = failure
         pending, self.pending = self.pending, None
         if pending == "replace":

@@ -139,6 +139,7 @@ class PluginProcess:
             "ready": self.readiness.ready or (self.decision.options.ready is None
                                               and self.state == State.RUNNING),
             "ready_mode": self.decision.options.ready,
+            "ended_by": self.machine.ended_by,  # not ready in time, missed watchdog
             "scope": self.decision.options.scope,
         }
 

@@ -26,10 +26,11 @@ def _name(entry: Mapping[str, Any]) -> str:
 
 
 def _describe_end(entry: Mapping[str, Any]) -> str:
+    why = f" ({safe_text(str(entry['ended_by']))})" if entry.get("ended_by") else ""
     if entry.get("signal"):
-        return f"killed by {entry['signal']}"
+        return f"killed by {entry['signal']}{why}"
     if entry.get("exit_code") is not None:
-        return f"exited with code {entry['exit_code']}"
+        return f"exited with code {entry['exit_code']}{why}"
     if entry.get("error"):
         return safe_text(str(entry["error"]))
     return "ended"
@@ -114,7 +115,8 @@ function render(status, health) {
     tr.appendChild(text("td", e.restarts, "num"));
     tr.appendChild(text("td", uptime(e, now), "num"));
     tr.appendChild(text("td", e.pid, "num"));
-    const detail = [e.status_text, e.holder ? "held by " + e.holder : null, e.error]
+    const detail = [e.status_text, e.holder ? "held by " + e.holder : null, e.ended_by,
+                    e.error]
       .filter((x) => x).join(" \u2014 ");
     tr.appendChild(text("td", detail));
     const lines = text("td", "", "lines");
