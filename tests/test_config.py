@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ def test_yaml_dates_and_odd_scalars_still_become_json(tmp_path: Path) -> None:
 ])
 def test_plugin_locations_forms(tmp_path: Path, text: str, locations: list[str]) -> None:
     config = load_config(write(tmp_path, text), env={})
-    assert config.plugin_locations == locations
+    # made absolute against the cwd at load (a later chdir cannot break restarts)...
+    assert config.plugin_locations == [os.path.abspath(x) for x in locations]
+    # ...while plugins see the list as written
     assert json.loads(config.to_json())["plugin_locations"] == locations
 
 
