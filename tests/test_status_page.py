@@ -214,6 +214,7 @@ ROWS = """return Array.from(document.querySelectorAll('#plugins tr')).map(tr =>
 def test_page_in_chromium_lists_plugins_follows_changes_and_escapes(
         browser: Browser, plugin_dir: Path, launchers: list[PluginLauncher],
         tmp_path: Path) -> None:
+    pytest.importorskip("sdnotify")
     write_plugin(plugin_dir, "all_ticker.sh", "#!/bin/bash\nwhile true; do echo \"tick $((i++))\""
                  "; sleep 0.2; done\n")
     write_plugin(plugin_dir, "all_exporter.py", (

@@ -92,8 +92,9 @@ function text(tag, value, cls) {
   if (cls) el.className = cls;
   return el;
 }
+const LIVE = ["starting", "running", "stopping"];
 function uptime(entry, now) {
-  if (!entry.started_at || !["starting", "running", "stopping"].includes(entry.state)) return "";
+  if (!entry.started_at || !LIVE.includes(entry.state)) return "";
   let s = Math.max(0, Math.floor(now - entry.started_at));
   const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600);
   const m = Math.floor(s % 3600 / 60); s = s % 60;
@@ -114,7 +115,7 @@ function render(status, health) {
     tr.appendChild(text("td", ready(e)));
     tr.appendChild(text("td", e.restarts, "num"));
     tr.appendChild(text("td", uptime(e, now), "num"));
-    tr.appendChild(text("td", e.pid, "num"));
+    tr.appendChild(text("td", LIVE.includes(e.state) ? e.pid : "", "num"));
     const detail = [e.status_text, e.holder ? "held by " + e.holder : null, e.ended_by,
                     e.error]
       .filter((x) => x).join(" \u2014 ");
