@@ -345,3 +345,17 @@ def test_mpirun_four_ranks_run_a_host_plugin_once_and_take_over(plugin_dir: Path
             out, _ = engine.communicate()
     for _, plugin_pid in runs(tmp_path):
         assert not alive(plugin_pid)
+
+
+def test_ctl_status_names_the_holder(capsys: pytest.CaptureFixture[str]) -> None:
+    from plugin_launcher.control import _print_status
+
+    _print_status({"plugins": [
+        {"name": "all_exporter.sh", "state": "standby", "pid": None, "restarts": 0,
+         "returncode": None, "holder": "pid=4242 role=worker worker=0"},
+        {"name": "all_warm.py", "state": "running", "pid": 7, "restarts": 0,
+         "returncode": None, "status_text": "serving on :9400"}]})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split(None, 4) == ["all_exporter.sh", "standby", "-", "0",
+                                       "held by pid=4242 role=worker worker=0"]
+    assert lines[2].endswith("serving on :9400")

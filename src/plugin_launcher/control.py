@@ -448,10 +448,16 @@ def _print_status(reply: dict[str, Any]) -> None:
     print(f"{'PLUGIN':<{width}}  {'STATE':<8}  {'PID':>7}  {'RESTARTS':>8}  DETAIL")
     for p in plugins:
         detail = p.get("error") or ""
-        if not detail and p.get("returncode") is not None and p["state"] not in (
+        if p["state"] == "standby" and p.get("holder"):
+            detail = f"held by {p['holder']}"  # scope: host, another launcher runs it
+        elif not detail and p.get("returncode") is not None and p["state"] not in (
                 "starting", "running"):
             detail = (f"signal {p['signal']}" if p.get("signal")
                       else f"exit code {p['returncode']}")
+            if p.get("ended_by"):
+                detail += f" ({p['ended_by']})"
+        if not detail and p.get("status_text"):
+            detail = p["status_text"]  # the plugin's last STATUS= (sd_notify)
         pid = "-" if p.get("pid") is None or p["state"] not in ("starting", "running",
                                                                   "stopping") \
             else str(p["pid"])
