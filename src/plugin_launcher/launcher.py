@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import time
 import weakref
 from typing import Any
 
@@ -16,11 +17,24 @@ from .output import LoggingSink, Sink, safe_logger
 from .plan import Decision, Plan, make_plan
 from .process import ACTIVE_STATES, PluginProcess, State
 from .reload import Reloader, file_signature
-from .supervisor import OperationError, Supervisor
+from .supervisor import OperationError, Supervisor, SupervisorStuck
 
 log = safe_logger("plugin_launcher.launcher")  # names and paths escaped
 SETTLE_TIME = 0.5
 STOP_MARGIN = 30.0  # past SIGKILL only a process stuck in the kernel (D state) can remain
+STUCK_AFTER = 2.0  # stop_plugins: a loop that does not answer within this long is stuck
+STOP_STEP = 1.0  # stop_plugins: how often it checks that the loop still answers
+DEFAULT_OUTPUT_BATCH = 0.02  # seconds; see README "Performance" (host tax)
+MAX_OUTPUT_BATCH = 1.0
+
+
+def check_output_batch(value: Any) -> float:
+    """``output_batch`` in seconds: 0 (read at once) to 1 s."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0.0 <= float(value) <= MAX_OUTPUT_BATCH):
+        raise ValueError(f"output_batch must be between 0 and {MAX_OUTPUT_BATCH:g} seconds, "
+                         f"got {value!r}")
+    return float(value)
 
 
 def check_role(role: Any) -> str | None:
@@ -104,6 +118,7 @@ class PluginLauncher:
         detect: bool = False,
         sink: Sink | None = None,
         settle_time: float = SETTLE_TIME,
+        output_batch: float = DEFAULT_OUTPUT_BATCH,
     ) -> None:
         self.config: LauncherConfig = coerce_config(config)
         self.role = check_role(role)
@@ -115,6 +130,7 @@ class PluginLauncher:
         self.worker_count = check_worker_count(worker_count)
         self.sink: Sink = sink if sink is not None else LoggingSink()
         self.settle_time = settle_time
+        self.output_batch = check_output_batch(output_batch)
         self._supervisor: Supervisor | None = None
         self._owner_pid: int | None = None
         self._handoff = ConfigHandoff(self.config.to_json())
@@ -153,7 +169,8 @@ class PluginLauncher:
     def _ensure_supervisor(self) -> Supervisor:
         if self._supervisor is None or not self._supervisor.alive:
             self._supervisor = Supervisor(self.sink, self._environment,
-                                          log_fields=(self.role or "", self.worker_id))
+                                          log_fields=(self.role or "", self.worker_id),
+                                          output_batch=self.output_batch)
             self._supervisor.listeners.extend(self._listeners)
             self._reloader.reset(self._supervisor)
             self._supervisor.start()
@@ -311,12 +328,7 @@ class PluginLauncher:
         supervisor = self._supervisor
         if supervisor is None or not supervisor.alive:
             return
-
-        def stop_all() -> None:
-            self._reloader.stopping = True  # a pending live reload must not start anything now
-            supervisor.stop(None, timeout)
-
-        supervisor.call(stop_all)
+        supervisor.call(lambda: self._begin_stop_on_loop(supervisor, timeout))
 
     @property
     def stopped(self) -> bool:
@@ -335,30 +347,72 @@ class PluginLauncher:
         """SIGKILL every plugin process group still being ended (an impatient operator)."""
         supervisor = self._supervisor
         if supervisor is not None and supervisor.alive:
-            supervisor.call(supervisor.kill_all)
+            try:
+                supervisor.call(supervisor.kill_all, STUCK_AFTER)
+            except SupervisorStuck:
+                supervisor.kill_all()  # from this thread: the loop does not answer
 
     def stop_plugins(self, timeout: float | None = None, *, margin: float = STOP_MARGIN) -> None:
         """SIGTERM every plugin group at once, SIGKILL after ``timeout`` (default: each plugin's
         ``stop_timeout``), and return once every plugin process is gone.  Idempotent.
 
-        ``margin``: how long to wait past SIGKILL (only a process stuck in the kernel needs it)."""
+        ``margin``: how long to wait past SIGKILL (only a process stuck in the kernel needs it).
+        If the supervisor thread stops answering (a sink or log handler that blocks forever),
+        the groups are ended from this thread instead, so this returns within the grace plus
+        about 5 s (``STUCK_AFTER + STOP_STEP`` to notice, 1 s past SIGKILL, 1 s for the
+        guardian; README: Lifetime) whatever the loop does."""
         supervisor = self._supervisor
         if supervisor is None:
             return
+        stuck = False
         if supervisor.alive:
-            self.begin_stop(timeout)
+            started = time.monotonic()
+            try:
+                supervisor.call(lambda: self._begin_stop_on_loop(supervisor, timeout),
+                                STUCK_AFTER)
+            except SupervisorStuck:
+                stuck = True
             grace = timeout if timeout is not None else max(
-                (p.decision.options.stop_timeout for p in supervisor.procs.values()), default=0.0)
-            if not supervisor.wait_until(supervisor.quiet, grace + margin):
-                log.error("plugins still running %.0fs after SIGKILL: %s", margin, ", ".join(
-                    p.name for p in supervisor.procs.values() if p.state in ACTIVE_STATES))
-                supervisor.kill_all()  # from this thread, in case the loop itself is stuck
-        supervisor.close()
+                (p.decision.options.stop_timeout for p in list(supervisor.procs.values())),
+                default=0.0)
+            deadline = started + grace + margin
+            while not stuck:
+                left = deadline - time.monotonic()
+                if supervisor.wait_until(supervisor.quiet, max(0.0, min(STOP_STEP, left))):
+                    break
+                if time.monotonic() >= deadline:
+                    log.error("plugins still running %.0fs after SIGKILL: %s", margin, ", ".join(
+                        p.name for p in supervisor.procs.values() if p.state in ACTIVE_STATES))
+                    supervisor.kill_all()  # from this thread, in case the loop itself is stuck
+                    break
+                stuck = supervisor.alive and not supervisor.responsive(STUCK_AFTER)
+            if stuck:
+                self._end_groups_here(supervisor, started + grace)
+        supervisor.close(0.1 if stuck else None)
         self._reloader.close()
         self._handoff.close()
         self._last_plugins = list(supervisor.procs.values())
         self._last_rings = supervisor.rings
         self._supervisor = None
+
+    def _begin_stop_on_loop(self, supervisor: Supervisor, timeout: float | None) -> None:
+        self._reloader.stopping = True  # a pending live reload must not start anything now
+        supervisor.stop(None, timeout)
+
+    @staticmethod
+    def _end_groups_here(supervisor: Supervisor, kill_at: float) -> None:
+        """The loop is stuck: TERM every known group from this thread, KILL what is left at
+        ``kill_at`` (the grace stop_plugins promised), wait until they are gone (at most 1 s
+        past the KILL: only zombies could remain), and tell the guardian."""
+        from .guardian import end_groups
+
+        groups = supervisor.known_groups()
+        log.error("the plugin supervisor thread does not answer (a sink or log handler is "
+                  "blocking it); ending %d plugin process groups from this thread", len(groups))
+        left = max(0.0, kill_at - time.monotonic())
+        end_groups({pgid: left for pgid in groups})
+        for pgid in groups:
+            supervisor.guardian.forget(pgid)
 
     def guard_group(self, pgid: int, stop_timeout: float) -> None:
         """Have the guardian also end process group ``pgid`` if this process dies (wrap mode)."""

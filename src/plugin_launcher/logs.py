@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import time
 from collections import deque
 from typing import Any
@@ -32,15 +33,7 @@ class JsonSink(StreamSink):
         head = (f'{{"time": "{utc_stamp()}", "plugin": {_encode(display_name(name))}, '
                 f'"stream": "{stream}", "pid": {"null" if pid is None else int(pid)}, "line": ')
         lines = block.decode("utf-8", "replace").split("\n")[:-1]
-        data = "".join([f"{head}{_encode(line)}}}\n" for line in lines]).encode("utf-8")
-        try:
-            written = os.write(self.fd, data)
-        except BlockingIOError:
-            written = 0
-        except BrokenPipeError:
-            return
-        if written < len(data):
-            self._write_all(memoryview(data)[written:])
+        self._emit(["".join([f"{head}{_encode(line)}}}\n" for line in lines]).encode("utf-8")])
 
 
 class JsonFormatter(logging.Formatter):
@@ -122,9 +115,13 @@ class RotatingLog:
             parent = os.path.dirname(self.path)
             if parent:
                 os.makedirs(parent, exist_ok=True)
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                              0o644)
-            self.size = os.fstat(self.fd).st_size
+            # O_NONBLOCK: a FIFO without a reader fails here (ENXIO) instead of hanging the loop
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                              | os.O_NONBLOCK, 0o644)
+            info = os.fstat(self.fd)
+            if not stat.S_ISREG(info.st_mode):  # a FIFO or device could block every write
+                raise OSError(errno.EINVAL, "not a regular file")
+            self.size = info.st_size
         except OSError as exc:
             self._fail("open it", exc)
             return False

@@ -7,10 +7,13 @@ line), keeps at most ``limit`` bytes of an unfinished line, and decodes nothing:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
 import select
+import socket
+import stat
 import time
 from typing import Protocol
 
@@ -133,8 +136,13 @@ class LoggingSink:
             return
         extra = {"plugin": name, "stream": stream, "pid": pid}
         shown = safe_name(name)
+        # Records are made here and handed to the logger directly, as Logger.log would, minus
+        # its search of the stack for the caller (a third of the cost per line; the caller is
+        # always this function anyway).
+        make, handle, level, logger_name = logger.makeRecord, logger.handle, self.level, logger.name
         for line in block.decode("utf-8", "replace").split("\n")[:-1]:
-            logger.log(self.level, "[%s] %s", shown, safe_text(line), extra=extra)
+            handle(make(logger_name, level, __file__, 0, "[%s] %s", (shown, safe_text(line)),
+                        None, "write", extra))
 
 
 _FALLBACK: list[logging.Logger] = []
@@ -153,17 +161,58 @@ def _fallback_logger() -> logging.Logger:
     return _FALLBACK[0]
 
 
-class StreamSink:
-    """Prefixed lines straight to a file descriptor, one write per block (the CLI's stdout)."""
+SINK_BUFFER = 1 << 20  # bytes a sink holds for a slow reader before plugin reading pauses
+FINISH_STALL = 1.0  # at exit, pending lines wait at most this long for a reader that reads none
 
-    def __init__(self, fd: int, *, timestamps: bool = False) -> None:
+
+def nonblocking_writer(fd: int) -> tuple[int, bool, bool]:
+    """``(fd to write, blocking, own)`` for writing to ``fd`` without ever blocking the loop.
+
+    A regular file is written as is (a local write does not wait for anybody).  Anything else
+    (pipe, FIFO, terminal) is reopened through ``/proc/self/fd`` as a new, non-blocking open file
+    description of the same object: setting O_NONBLOCK on ``fd`` itself would also change it for
+    every process sharing it (a wrapped command writing to the same terminal would get EAGAIN).
+    A socket cannot be reopened: it is written with ``MSG_DONTWAIT`` (``own`` False, blocking
+    False).
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return fd, True, False
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode) and not os.isatty(fd):
+        return fd, True, False  # files, /dev/null: never wait for a reader
+    if stat.S_ISSOCK(mode):
+        return fd, False, False
+    try:
+        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            flags |= os.O_APPEND
+        return os.open(f"/proc/self/fd/{fd}", flags), False, True
+    except OSError:
+        return fd, True, False  # no /proc: the old blocking behaviour
+
+
+class StreamSink:
+    """Prefixed lines to a file descriptor (the CLI's stdout), never blocking the caller.
+
+    Lines go out at once while the reader keeps up; otherwise they wait in a pending buffer and
+    the supervisor, seeing ``full()``, stops reading plugin pipes (the pipes slow the plugins;
+    nothing is dropped) and calls ``flush()`` when ``fileno()`` is writable again.
+    """
+
+    def __init__(self, fd: int, *, timestamps: bool = False, limit: int = SINK_BUFFER) -> None:
         self.fd = fd
         self.timestamps = timestamps
+        self.limit = limit
         self._prefixes: dict[str, tuple[bytes, bytes]] = {}
+        self._pending = bytearray()
+        self._broken = False
         try:
             self._terminal = os.isatty(fd)  # lines to a terminal are escaped (see safe_text)
         except OSError:
             self._terminal = False
+        self._out, self._blocking, self._own = nonblocking_writer(fd)
+        self._socket = not self._blocking and not self._own
 
     def write(self, name: str, stream: str, block: bytes, pid: int | None = None) -> None:
         prefix = self._prefixes.get(name)
@@ -178,24 +227,99 @@ class StreamSink:
         elif not block.isascii():  # ASCII is valid UTF-8: skip the round trip on the hot path
             block = block.decode("utf-8", "replace").encode("utf-8")
         # One gathered write per block: no concatenated copy of the whole block.
-        parts = [prefix[0], block[:-1].replace(b"\n", prefix[1]), b"\n"]
-        total = sum(len(p) for p in parts)
-        try:
-            written = os.writev(self.fd, parts)
-        except BlockingIOError:
-            written = 0
-        except BrokenPipeError:
+        self._emit([prefix[0], block[:-1].replace(b"\n", prefix[1]), b"\n"])
+
+    def _emit(self, parts: list[bytes]) -> None:
+        """Write ``parts`` now if nothing is pending, else queue them behind what is."""
+        if self._broken:
             return  # the reader went away; keep draining the plugins regardless
-        if written < total:  # a partial write (pipe or non-blocking fd): finish it plainly
-            self._write_all(memoryview(b"".join(parts))[written:])
+        if self._pending:
+            for part in parts:
+                self._pending += part
+            return
+        total = sum(len(p) for p in parts)
+        written = self._send(parts)
+        if written < total:
+            data = b"".join(parts)
+            if self._blocking:  # a regular file: finish it plainly
+                self._write_all(memoryview(data)[written:])
+            else:
+                self._pending += memoryview(data)[written:]
+
+    def _send(self, parts: list[bytes]) -> int:
+        """Bytes of ``parts`` written now (0 if the reader is full); never waits for a reader."""
+        try:
+            if self._socket:
+                return socket_send(self._out, b"".join(parts) if len(parts) > 1 else parts[0])
+            return os.writev(self._out, parts)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except (BrokenPipeError, ConnectionResetError):  # the reader is gone for good
+            self._broken = True
+            self._pending.clear()
+            return sum(len(p) for p in parts)
+        except OSError:  # ENOSPC and the like: this block is lost, the next may go through
+            return sum(len(p) for p in parts)
+
+    # ------------------------------------------------- flow control (see Supervisor._flow)
+    def fileno(self) -> int:
+        """The descriptor to wait on for writability while lines are pending."""
+        return self._out
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def full(self) -> bool:
+        return len(self._pending) >= self.limit
+
+    def flush(self) -> None:
+        """Write as much of the pending buffer as the reader takes now, without waiting."""
+        while self._pending and not self._broken:
+            written = self._send([bytes(self._pending[:1 << 20])])
+            if not written:
+                return
+            del self._pending[:written]
+
+    def finish(self, stall: float = FINISH_STALL) -> int:
+        """At exit: deliver what is pending as long as the reader keeps taking some within
+        ``stall`` seconds; returns the bytes given up on (a dead or stalled reader)."""
+        while self._pending and not self._broken:
+            before = len(self._pending)
+            self.flush()
+            if self._pending and len(self._pending) == before:
+                _, ready, _ = select.select([], [self._out], [], stall)
+                if not ready:
+                    break
+        left = len(self._pending)
+        self._pending.clear()
+        return left
+
+    def close(self) -> None:
+        """Release the private non-blocking descriptor (the caller's ``fd`` stays open)."""
+        if self._own:
+            self._own = False
+            try:
+                os.close(self._out)
+            except OSError:
+                pass
+            self._out, self._blocking, self._socket = self.fd, True, False
 
     def _write_all(self, view: memoryview) -> None:
         while view:
             try:
-                written = os.write(self.fd, view)
+                written = os.write(self._out, view)
             except BlockingIOError:
-                select.select([], [self.fd], [])
+                select.select([], [self._out], [])
                 continue
-            except BrokenPipeError:
+            except OSError:
                 return
             view = view[written:]
+
+
+def socket_send(fd: int, data: bytes) -> int:
+    """``send(fd, data, MSG_DONTWAIT)`` on a socket we only have as a descriptor."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.send(data, socket.MSG_DONTWAIT)
+    finally:
+        sock.detach()

@@ -144,6 +144,8 @@ class Supervisor:
         self._outputs = selectors.DefaultSelector()
         self._outputs_on = False
         self._batch_hold = False  # output was just read: let more gather (output_batch)
+        self._read_full = False  # a read this round filled its buffer (a flood: no batch pause)
+        self._read_data = False  # a read this round returned data (not only end-of-file)
         self._sink_hold = False  # the sink is full: leave the lines in the pipes
         self._set_outputs(True)
         self._commands: deque[Callable[[], None]] = deque()
@@ -559,14 +561,18 @@ class Supervisor:
     def _read_outputs(self) -> None:
         """Every plugin pipe that has something, read once (up to 64 KiB each)."""
         fd_map = self._outputs.get_map()
+        self._read_full = self._read_data = False
         for key, _mask in self._outputs.select(0):
             if fd_map.get(key.fd) is key:
                 handler, proc, run = key.data
                 handler(proc, run, key.fd)
-        if self.output_batch > 0 and not self._batch_hold:
+        if (self.output_batch > 0 and self._read_data and not self._batch_hold
+                and not self._read_full):
             # Low-cost mode: leave the pipes alone for a moment so that the next wake-up (one
             # GIL acquisition in the host) handles many lines; exits, signals, commands and
-            # timers still wake the loop at once.
+            # timers still wake the loop at once.  A read that filled its buffer means a
+            # flood: no pause then, the pipe is read again at once; nor after end-of-file
+            # alone (a run ends only once its pipes are closed).
             self._batch_hold = True
             self._after(self.output_batch, self._end_batch)
 
@@ -729,6 +735,10 @@ class Supervisor:
             return
         except OSError:
             chunk = b""
+        if chunk:
+            self._read_data = True
+            if len(chunk) == READ_SIZE:
+                self._read_full = True
         self._consume(proc, run, fd, chunk)
         if not chunk:
             self._maybe_complete(proc, run)
