@@ -71,10 +71,12 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "launch_n": 100, "stop_n": 100, "stop_delay": 0.2, "lines": 2_000_000,
         "flood_n": 50, "flood_lines": 40_000, "idle_n": 100, "idle_s": 10.0,
+        "tax_n": 10, "tax_s": 3.0, "tax_rates": [10_000, 100_000],
     },
     "small": {
         "launch_n": 5, "stop_n": 5, "stop_delay": 0.2, "lines": 20_000,
         "flood_n": 4, "flood_lines": 2_000, "idle_n": 5, "idle_s": 0.5,
+        "tax_n": 2, "tax_s": 0.3, "tax_rates": [1_000],
     },
 }
 
@@ -135,6 +137,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value * 1000:.3f} ms"
     if unit == "lines/s":
         return f"{value / 1e6:.2f} M lines/s"
+    if unit == "it/s":
+        return f"{value / 1e6:.2f} M it/s"
     if unit == "threads":
         return f"{value:g}"
     if unit == "MB":
@@ -795,12 +799,164 @@ def scenario_idle(ws: Workspace, size: dict[str, Any], repeat: int) -> list[Row]
     return rows
 
 
+# ------------------------------------------------------------------------ 6. host tax
+TAX_WRITER = """import os, time
+rate = {rate}  # lines per second, this plugin's share
+tick = 0.01
+line = b"x" * {width} + b"\\n"
+start = time.monotonic()
+sent = 0
+while True:
+    due = int((time.monotonic() - start) * rate)
+    if due > sent:
+        os.write(1, line * (due - sent))
+        sent = due
+    time.sleep(tick)
+"""
+
+TAX_HOST = """
+import json, logging, subprocess, sys, threading, time
+mode, folder, seconds, settle, batch = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:6])
+commands = json.loads(sys.argv[6])
+delivered = [0]
+
+class Discard(logging.Handler):
+    def emit(self, record):
+        delivered[0] += 1
+
+class NullSink:
+    def write(self, name, stream, block, pid=None):
+        delivered[0] += block.count(b"\\n")
+
+procs, launcher = [], None
+if mode == "popen":
+    procs = [subprocess.Popen(c, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+             for c in commands]
+else:
+    from plugin_launcher import PluginLauncher
+    out = logging.getLogger("plugin_launcher")
+    out.addHandler(Discard())
+    out.setLevel(logging.INFO)
+    out.propagate = False
+    logging.getLogger("plugin_launcher.supervisor").setLevel(logging.WARNING)
+    sink = NullSink() if mode == "null" else None
+    launcher = PluginLauncher({"plugin_locations": [folder],
+                               "plugin_options": {"default": {"stop_timeout": 1}}}, "bench",
+                              sink=sink, output_batch=batch)
+    launcher.launch_plugins()
+time.sleep(settle)  # the writers reach their rate (deliberate: not synchronisation)
+result = []
+
+def spin():
+    n = 0
+    end = time.perf_counter() + seconds
+    while True:
+        for _ in range(2000):
+            n += 1
+        if time.perf_counter() >= end:
+            break
+    result.append(n / seconds)
+
+first = delivered[0]
+worker = threading.Thread(target=spin)
+worker.start()
+worker.join()
+lines = (delivered[0] - first) / seconds
+if launcher is not None:
+    launcher.stop_plugins()
+for p in procs:
+    p.kill()
+    p.wait()
+print(json.dumps({"rate": result[0], "lines": lines}))
+"""
+
+TAX_MODES = (  # (row suffix, label, host mode, output_batch or None for the default)
+    ("l", "LoggingSink, output_batch 0", "logging", 0.0),
+    ("b", "LoggingSink, low-cost (default batch)", "logging", None),
+    ("n", "null sink, low-cost (default batch)", "null", None),
+)
+
+
+def _tax_run(mode: str, folder: Path, commands: list[list[str]], seconds: float,
+             batch: float) -> tuple[float, float]:
+    proc = CLEANUP.popen([sys.executable, "-c", TAX_HOST, mode, str(folder), str(seconds),
+                          "0.5", str(batch), json.dumps(commands)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=cli_env())
+    out, err = proc.communicate(timeout=seconds + 60)
+    CLEANUP.reap([proc])
+    if proc.returncode != 0:
+        raise CheckFailed(f"host-tax host ({mode}) exited {proc.returncode}: "
+                          f"{err.decode(errors='replace')[-2000:]}")
+    data = json.loads(out.decode().strip().splitlines()[-1])
+    return float(data["rate"]), float(data["lines"])
+
+
+def scenario_host_tax(ws: Workspace, size: dict[str, Any], repeat: int) -> list[Row]:
+    from plugin_launcher.launcher import DEFAULT_OUTPUT_BATCH
+
+    n, seconds = size["tax_n"], size["tax_s"]
+    rows = []
+    for rate in size["tax_rates"]:
+        folder = ws.folder(f"tax-{rate}")
+        for i in range(n):
+            write_plugin(folder, f"{ROLE}_w{i:02d}.py",
+                         TAX_WRITER.format(rate=rate / n, width=LINE_BYTES - 1))
+        commands = commands_for(folder)
+        delivered: dict[str, list[float]] = {}
+        label = f"{rate / 1000:g}k" if rate >= 1000 else str(rate)
+        tax_rows = []
+        for suffix, what, mode, batch in TAX_MODES:
+            goal, check = "-", None
+            # issue 12: low-cost mode >= 0.97 at 10,000 lines/s and >= 0.9 at 100,000; with
+            # every line logged through logging >= 0.9 at 10,000
+            need = {"n": 0.97 if rate <= 10_000 else 0.9,
+                    "b": 0.9 if rate <= 10_000 else None}.get(suffix)
+            if need is not None:
+                goal, check = f">= {need:g}x baseline", (lambda v, r, x=need: r is not None
+                                                         and r >= x)
+            # higher_is_better stays False: the ratio column is then launcher / baseline, the
+            # host thread's throughput ratio itself
+            tax_rows.append((Row(f"6{label}{suffix}", f"host tax {n} plugins {rate:,} lines/s: "
+                                 f"{what}", "it/s", goal=goal, check=check), mode,
+                             DEFAULT_OUTPUT_BATCH if batch is None else batch))
+        for i in range(repeat):
+            order = [None, *tax_rows] if i % 2 == 0 else [*tax_rows[::-1], None]
+            for entry in order:
+                if entry is None:
+                    base, _ = _tax_run("popen", folder, commands, seconds, 0.0)
+                    for row, _, _ in tax_rows:
+                        row.baseline.append(base)
+                    continue
+                row, mode, batch = entry
+                value, lines = _tax_run(mode, folder, commands, seconds, batch)
+                if lines < 0.1 * rate:
+                    raise CheckFailed(f"{row.id}: {lines:.0f} lines/s delivered, expected "
+                                      f"about {rate}")
+                row.samples.append(value)
+                delivered.setdefault(row.id, []).append(lines)
+        for row, _, batch in tax_rows:
+            row.notes.append(f"output_batch {batch:g} s; lines delivered (median): "
+                             f"{statistics.median(delivered[row.id]):,.0f}/s of {rate:,}/s "
+                             "written (fewer: the plugins were slowed by their pipes)")
+        rows += [row for row, _, _ in tax_rows]
+    rows[0].notes.insert(0, f"host tax: iterations/s of a CPU-bound pure-Python thread in the "
+                         f"host over {seconds:g} s, with {n} Python plugins each writing its "
+                         "share of the rate (80 B lines, every 10 ms) under the launcher, over "
+                         "the same with the same plugins started by a bare Popen to /dev/null "
+                         "(baseline); runs alternate; the ratio column is the host tax figure "
+                         "(launcher / baseline throughput, 1.00x = no tax); every run checks "
+                         "that the lines were delivered at the rate")
+    return rows
+
+
 SCENARIOS: dict[int, Callable[[Workspace, dict[str, Any], int], list[Row]]] = {
     1: scenario_launch,
     2: scenario_stop,
     3: scenario_one_plugin,
     4: scenario_many_plugins,
     5: scenario_idle,
+    6: scenario_host_tax,
 }
 
 

@@ -28,6 +28,7 @@ ROWS = {
     3: ["3", "3t", "3p", "3f"],
     4: ["4"],
     5: ["5a", "5at", "5am", "5b", "5bt", "5bm"],
+    6: ["61kl", "61kb", "61kn"],  # host tax at 1,000 lines/s, 2 plugins
 }
 
 
