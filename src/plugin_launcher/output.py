@@ -197,7 +197,7 @@ def nonblocking_writer(fd: int) -> tuple[int, bool, bool]:
     if stat.S_ISSOCK(mode):
         return fd, False, False
     try:
-        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
             flags |= os.O_APPEND
         return os.open(f"/proc/self/fd/{fd}", flags), False, True
