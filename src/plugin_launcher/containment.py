@@ -20,6 +20,7 @@ import os
 import resource
 import shlex
 import shutil
+import stat
 from dataclasses import dataclass, field
 
 from . import cgroups
@@ -300,3 +301,23 @@ def check_executable(argv0: str, env: dict[str, str]) -> None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv0)
     if os.path.isdir(path) or not os.access(path, os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), argv0)
+    if not _looks_executable(path):
+        # execve() would fail with ENOEXEC; the prologue's shell would instead run it as a script
+        raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), argv0)
+
+
+def _looks_executable(path: str) -> bool:
+    """An ELF binary or a ``#!`` script: what execve() runs (binfmt_misc formats aside)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return True  # let exec itself say why
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return True
+        head = os.read(fd, 4)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return head.startswith((b"#!", b"\x7fELF"))
