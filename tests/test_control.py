@@ -33,7 +33,8 @@ from helpers import (
 )
 
 from plugin_launcher import PluginLauncher
-from plugin_launcher.control import default_path, folder_problem
+from plugin_launcher.control import default_path
+from plugin_launcher.folders import folder_problem
 from plugin_launcher.launcher import OperationError, UnknownPluginError, parse_signal
 
 # Prints a greeting with its PID, then one line per SIGUSR1 (what `signal` and `tail -f` see).

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from helpers import PYTHON, alive, wait_for
 
+from plugin_launcher.folders import folder_problem
 from plugin_launcher.options import OptionError, parse_options
 from plugin_launcher.scope import (
     ENV_FOLDER,
     HostLock,
     ScopeError,
     ensure_folder,
-    folder_problem,
     lock_folder,
     lock_name,
     open_lock,

@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .folders import private_folder
+
 log = logging.getLogger("plugin_launcher.control")
 CLIENT_TIMEOUT = 5.0  # seconds a client may take to send its request or to take a reply
 MAX_REQUEST = 64 * 1024
@@ -65,26 +67,9 @@ def default_path(role: str | None, worker_id: int | None) -> str:
     return os.path.join(default_folder(), stem + ".sock")
 
 
-def folder_problem(st: os.stat_result, uid: int) -> str | None:
-    """Why a socket folder with this stat is unsafe to use, or None (a pure rule)."""
-    if not stat.S_ISDIR(st.st_mode):
-        return "is not a directory"
-    if st.st_uid != uid:
-        return f"is owned by uid {st.st_uid}, not by this user (uid {uid})"
-    if st.st_mode & 0o022:
-        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
-
-
 def ensure_private_folder(folder: str) -> None:
     """Create ``folder`` with mode 0700 if missing; refuse one that others could tamper with."""
-    try:
-        os.mkdir(folder, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ControlError(f"cannot create {folder}: {exc.strerror or exc}") from None
-    problem = folder_problem(os.lstat(folder), os.getuid())
+    problem = private_folder(folder)
     if problem is not None:
         raise ControlError(f"control socket folder {folder} {problem}; refusing to use it")
 

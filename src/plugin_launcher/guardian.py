@@ -55,23 +55,10 @@ def live_groups(pgids: list[int]) -> set[int]:
         candidates.add(pgid)
     if not candidates:  # the group is empty; its session or cgroup may not be (containment)
         return cgroups.live_cages(set(pgids))
-    alive: set[int] = set()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
+    if not os.path.isdir("/proc"):
         return candidates
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[0] != b"Z":  # fields: state, ppid, pgrp, ...
-            pgrp = int(fields[2])
-            if pgrp in candidates:
-                alive.add(pgrp)
+    alive = {pgrp for _pid, state, pgrp, _sid in cgroups.proc_table()
+             if state != b"Z" and pgrp in candidates}
     return alive | cgroups.live_cages(set(pgids) - alive)
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import stat
 import weakref
 from urllib.parse import quote
+
+from .folders import private_folder
 
 ENV_FOLDER = "PLUGIN_LAUNCHER_LOCK_DIR"  # overrides the folder (tests, unusual hosts)
 RETRY = 0.5  # seconds between a standby launcher's attempts: takeover within this much
@@ -56,26 +57,9 @@ def lock_name(name: str, scope_key: str | None) -> str:
     return raw + ".lock"
 
 
-def folder_problem(st: os.stat_result, uid: int) -> str | None:
-    """Why a lock folder with this stat is unsafe (another user could hold or fake our locks),
-    or None; a pure rule."""
-    if not stat.S_ISDIR(st.st_mode):
-        return "is not a directory"
-    if st.st_uid != uid:
-        return f"is owned by uid {st.st_uid}, not by this user (uid {uid})"
-    if st.st_mode & 0o022:
-        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
-
-
 def ensure_folder(folder: str) -> None:
     """Create ``folder`` (and its parents) with mode 0700; refuse one others could tamper with."""
-    try:
-        os.makedirs(folder, 0o700, exist_ok=True)
-        st = os.lstat(folder)
-    except OSError as exc:
-        raise ScopeError(f"cannot create lock folder {folder}: {exc.strerror or exc}") from None
-    problem = folder_problem(st, os.getuid())
+    problem = private_folder(folder)
     if problem is not None:
         raise ScopeError(f"lock folder {folder} {problem}; refusing to use it")
 
