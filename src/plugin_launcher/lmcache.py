@@ -29,7 +29,7 @@ log = logging.getLogger("plugin_launcher.lmcache")
 RUNTIME_MODULE = lmcache_hook.RUNTIME_MODULE
 LEGACY_MODULE = lmcache_hook.LEGACY_MODULE
 STOP_BUDGET = 10.0  # LMCache's shutdown gives stop_plugins 10 s (`_safe_close(..., 10.0)`)
-STOP_GRACE_MAX = 6.0
+STOP_GRACE_MAX = 4.0  # + at most ~5 s if the loop were stuck (launcher.stop_plugins)
 STOP_MARGIN = 2.0
 
 
