@@ -488,6 +488,7 @@ def test_from_mapping_only_raises_config_error(data: dict[str, Any]) -> None:
         assert str(exc).startswith("prop.yaml: ")
     else:
         as_json = json.loads(config.to_json())
-        assert as_json["plugin_locations"] == config.plugin_locations
+        written = as_json.get("plugin_locations", as_json.get("runtime_plugin_locations"))
+        assert [os.path.abspath(p) for p in written] == config.plugin_locations
         if "other" in data:
             assert as_json["other"] == data["other"]

@@ -125,11 +125,21 @@ def version() -> str:
         return __version__
 
 
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked (importlib.metadata costs every run ~15 ms)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"plugin-launcher {version()}")
+        parser.exit()
+
+
 def build_parser() -> Parser:
     raw = argparse.RawDescriptionHelpFormatter
     parser = Parser(prog="plugin-launcher", description=DESCRIPTION, epilog=EXAMPLES,
                     formatter_class=raw)
-    parser.add_argument("--version", action="version", version=f"plugin-launcher {version()}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print plugin-launcher's version and exit")
     sub = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run the selected plugins (optionally beside a command)",
                          usage="%(prog)s [options] --role ROLE [-- COMMAND [ARG]...]",
@@ -555,6 +565,9 @@ def _drain(fd: int) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .guardian_client import GuardianClient
+
+    GuardianClient.idle_wait = 0.0  # this process exits right after the stop: nothing to reap
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if "--" in argv:

@@ -13,8 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
-
 from .options import OptionError, OptionTable, parse_options
 
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
@@ -152,6 +150,8 @@ def load_file(path: str | os.PathLike[str]) -> LauncherConfig:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: configuration is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+    import yaml  # here, not at the top: `run` without a file need not pay for it
+
     try:
         data = yaml.safe_load(raw)
     except RecursionError:  # PyYAML composes nested nodes recursively
