@@ -75,17 +75,6 @@ def worker_count_value(worker_count: Any) -> tuple[int, str | None]:
     return int(worker_count), None
 
 
-def _config_locations(config: Any) -> list[str]:
-    if isinstance(config, dict):
-        found = config.get("runtime_plugin_locations") or config.get("plugin_locations")
-    else:
-        found = (getattr(config, "runtime_plugin_locations", None)
-                 or getattr(config, "plugin_locations", None))
-    if isinstance(found, str):
-        return [found]
-    return [x for x in found or () if isinstance(x, str)]
-
-
 # ------------------------------------------------------------------------- LMCache's selection
 def lmcache_would_run(file_name: str, role: str | None, worker_id: int | None) -> bool:
     """LMCache's ``_should_skip_plugin``, negated (0.3 and 0.5 read names the same way)."""
@@ -268,10 +257,6 @@ class _LMCacheFace(CorePluginLauncher):
             log.error("plugin-launcher (LMCache drop-in): %s", error)
 
     # LMCache's attribute names ------------------------------------------------------------
-    @property
-    def config_object(self) -> Any:
-        return self.lmcache_config
-
     @property
     def plugin_processes(self) -> list[Any]:
         """The live ``subprocess.Popen`` of each plugin, as LMCache kept them."""
