@@ -181,8 +181,12 @@ class Containment:
         else:
             what = ("session ID (process group plus every process of the plugin's session; "
                     "daemons that call setsid escape; no writable cgroup hierarchy)")
-        death = ("PDEATHSIG on each plugin" if self.setpriv else
-                 "no setpriv: no PDEATHSIG (the guardian alone ends plugins if the host dies)")
+        if self.roots:
+            death = "no PDEATHSIG needed (the cgroup holds every process of a run)"
+        elif self.setpriv:
+            death = "PDEATHSIG on each plugin"
+        else:
+            death = "no setpriv: no PDEATHSIG (the guardian alone ends plugins if the host dies)"
         return f"{what}; {death}"
 
     def prepare(self, options: PluginOptions) -> tuple[str, ...]:
@@ -192,6 +196,8 @@ class Containment:
         name = f"run{next(self._runs)}"
         made = []
         for root in self.roots:
+            if root == self.memory_root and root != self.roots[0] and options.memory_max is None:
+                continue  # a hierarchy of its own that only carries memory_max: not needed
             path = os.path.join(root, name)
             try:
                 os.mkdir(path)
@@ -211,12 +217,16 @@ class Containment:
         """The argv that runs ``argv`` contained (see the module docstring); ``gate``: wait for
         one line on stdin first (process.spawn), then make stdin /dev/null."""
         script = prologue([os.path.join(c, "cgroup.procs") for c in cages],
-                          ulimit_commands(options), host_pid if self.setpriv else None, gate)
+                          ulimit_commands(options),
+                          host_pid if self.setpriv and not cages else None, gate)
         tail = argv
         if options.nice is not None and self.nice:
             tail = [self.nice, "-n", str(options.nice), "--", *argv]
         chain = [SHELL, "-c", script, "plugin-launcher", *tail]
-        if self.setpriv:
+        if self.setpriv and not cages:
+            # Only where no cgroup holds the run: a cgroup is swept whole (by the guardian, the
+            # watchman, or the next launcher), and it sits inside the host's own cgroup, which
+            # a container or service stop kills with everything below it.
             chain = [self.setpriv, "--pdeathsig", "KILL", "--", *chain]
         return chain
 
