@@ -53,7 +53,10 @@ for line in sys.stdin:
     elif command[0] == "guardian":
         sup = launcher._supervisor
         old = int(command[1])
+        deadline = time.monotonic() + 10
         while sup.guardian.pid in (None, old):
+            if time.monotonic() > deadline:
+                sys.exit("no new guardian within 10 s")
             time.sleep(0.02)
     print("done", launcher._supervisor.guardian.pid if launcher._supervisor else 0, flush=True)
 """
