@@ -16,9 +16,18 @@ group:
 from __future__ import annotations
 
 import os
-import signal
 import time
-from collections.abc import Iterator
+
+TYPE_CHECKING = False  # typing itself costs a guardian 10 ms to import
+
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Iterator
+else:
+    try:  # as in guardian.py: no enum import in a guardian
+        import _signal as signal
+    except ImportError:
+        import signal
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 BASE_NAME = "plugin-launcher"

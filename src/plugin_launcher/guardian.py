@@ -6,11 +6,12 @@ tells us each plugin's process group as it starts (``+ PGID STOP_TIMEOUT``) and 
 When the pipe reaches end-of-file, or the host's pidfd says it exited, we send SIGTERM to every
 group, SIGKILL to those still alive after their stop timeout, and exit.
 
-Runs as ``python -I -S guardian.py HOST_PID [CGROUP_DIR]...``: standard library only (and its
-sibling ``cgroups.py``), in its own session, deaf to SIGINT/SIGHUP so a Ctrl-C to the terminal
-cannot kill it before it has done its work.  Ending a group also ends the rest of that plugin
-(its session's strays; its cgroup), and at the end every cgroup under the CGROUP_DIRs (the
-launcher's) is killed and removed, so a plugin the host had not told us about yet is not missed.
+Runs as ``python -I -S guardian.py HOST_PID [CGROUP_DIR]...`` (in effect; see ``command``):
+standard library only (and its sibling ``cgroups.py``), in its own session, deaf to SIGINT/SIGHUP
+so a Ctrl-C to the terminal cannot kill it before it has done its work. Ending a group also ends
+the rest of that plugin (its session's strays; its cgroup), and at the end every cgroup under the
+CGROUP_DIRs (the launcher's) is killed and removed, so a plugin the host had not told us about yet
+is not missed.
 
 SIGTERM ends a guardian *without* ending plugins (the host starts a new one and tells it every
 live group).  A guardian starts a **watchman** (this file with ``--watchman``), which reads a
@@ -22,10 +23,18 @@ from __future__ import annotations
 
 import os
 import select
-import signal
-import subprocess
 import sys
 import time
+
+TYPE_CHECKING = False  # typing itself costs a guardian 10 ms to import
+
+if TYPE_CHECKING:
+    import signal
+else:
+    try:  # the C module that ``signal`` wraps in enums: a guardian starts without enum & co
+        import _signal as signal
+    except ImportError:
+        import signal
 
 try:
     from . import cgroups
@@ -135,6 +144,16 @@ def end_groups(groups: dict[int, float]) -> None:
 
 
 WATCHMAN = "--watchman"
+# How a guardian is started: ``python -I -S -c BOOT .../guardian.py HOST_PID ...``.  A script
+# run by path is compiled anew at every start; imported, it comes from its byte-code cache.
+BOOT = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv[1])); import guardian; "
+        "sys.exit(guardian.main(sys.argv[1:]))")
+
+
+def command(*args: str) -> list[str]:
+    """The argv that starts a guardian (or, with ``WATCHMAN`` among ``args``, a watchman)."""
+    return [sys.executable or "python3", "-I", "-S", "-c", BOOT, os.path.abspath(__file__),
+            *args]
 RESCUE_WAIT = 1.0  # watchman: how long a host that may be dying together with the guardian has
 
 
@@ -145,24 +164,31 @@ def parse_args(argv: list[str]) -> tuple[int, bool, list[str]]:
     return host_pid, WATCHMAN in rest, [a for a in rest if a != WATCHMAN]
 
 
-def start_watchman(argv: list[str]) -> tuple[subprocess.Popen[bytes], int, int | None] | None:
+Helper = tuple[int, int, "int | None"]  # a running watchman: (pid, write fd, pidfd)
+
+
+def start_watchman(argv: list[str]) -> Helper | None:
     """Our own watchman: a second guardian that gets every line we get and acts only if we die
-    and the host is dead too (host and guardian SIGKILLed at once).  (popen, write fd, pidfd)."""
-    read_end, write_end = os.pipe()
+    and the host is dead too (host and guardian SIGKILLed at once).  ``posix_spawn`` rather
+    than ``subprocess``: importing it would double a guardian's start-up time, which is paid
+    while the host launches its plugins."""
+    read_end, write_end = os.pipe()  # both close-on-exec; dup2 makes stdin inheritable
     try:
-        popen = subprocess.Popen(
-            [sys.executable or "python3", "-I", "-S", os.path.abspath(__file__), *argv[1:],
-             WATCHMAN], stdin=read_end, stdout=subprocess.DEVNULL, close_fds=True)
+        cmd = command(*argv[1:], WATCHMAN)
+        pid = os.posix_spawn(
+            cmd[0], cmd, os.environ,
+            file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0),
+                          (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
     except OSError:
         os.close(write_end)
         return None
     finally:
         os.close(read_end)
     try:
-        pidfd: int | None = os.pidfd_open(popen.pid)
+        pidfd: int | None = os.pidfd_open(pid)
     except (AttributeError, OSError):
         pidfd = None
-    return popen, write_end, pidfd
+    return pid, write_end, pidfd
 
 
 def _host_dead(host_fd: int | None, host_pid: int, wait: float) -> bool:
@@ -243,13 +269,15 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _replace_watchman(helper: tuple[subprocess.Popen[bytes], int, int | None], argv: list[str],
-                      groups: dict[int, float], last_start: float,
-                      ) -> tuple[subprocess.Popen[bytes], int, int | None] | None:
+def _replace_watchman(helper: Helper, argv: list[str], groups: dict[int, float],
+                      last_start: float) -> Helper | None:
     """Our watchman died: reap it and start another that knows every group (at most one
     restart per second: a watchman that cannot run is given up)."""
-    popen, fd, pidfd = helper
-    popen.wait()
+    pid, fd, pidfd = helper
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
     for owned in (fd, pidfd):
         if owned is not None:
             os.close(owned)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 import threading
 
 from . import guardian
@@ -45,8 +44,7 @@ class GuardianClient:
         read_end, write_end = os.pipe()  # both close-on-exec: no plugin can hold the pipe open
         try:
             self._popen = subprocess.Popen(
-                [sys.executable or "python3", "-I", "-S", guardian.__file__, str(os.getpid()),
-                 *self.cgroup_roots],
+                guardian.command(str(os.getpid()), *self.cgroup_roots),
                 stdin=read_end,
                 stdout=subprocess.DEVNULL,
                 start_new_session=True,

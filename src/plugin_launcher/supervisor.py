@@ -342,10 +342,13 @@ class Supervisor:
         self._watch_guardian()
 
     def _announce(self, pgid: int, stop_timeout: float) -> None:
-        """Tell the guardian about a new group now, not after the batch (process.spawn holds the
-        plugin back until this returns where no cgroup holds it)."""
+        """Tell the guardian about a new group.  Where no cgroup holds the run, now, not after
+        the batch: process.spawn holds the plugin back until this returns.  In a cgroup the
+        run is held from its first instruction (the guardian sweeps the launcher's cgroups if
+        the host dies), so the message goes with the others at the end of the loop round."""
         self.guardian.watch(pgid, stop_timeout)
-        self.guardian.flush()
+        if self.containment is None or not self.containment.roots:
+            self.guardian.flush()
 
     def _release_containment(self) -> None:
         if self.containment is not None:
@@ -363,6 +366,9 @@ class Supervisor:
         return proc
 
     def launch(self, decisions: Iterable[Decision], change: str | None = None) -> None:
+        decisions = list(decisions)
+        if self.containment is not None:
+            self.containment.reserve(sum(d.command is not None for d in decisions))
         for decision in decisions:
             old = self.procs.get(decision.name)
             if old is not None and old.state in ACTIVE_STATES:
