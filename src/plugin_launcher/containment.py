@@ -21,6 +21,7 @@ import resource
 import shlex
 import shutil
 import stat
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -328,9 +329,24 @@ def ulimit_commands(options: PluginOptions) -> list[str]:
     return commands
 
 
+CHECK_TRUSTED = 1.0  # seconds a passed check_executable is trusted: a batch shares one check
+_checked: dict[tuple[str, str | None], float] = {}
+
+
 def check_executable(argv0: str, env: dict[str, str]) -> None:
     """Raise what ``Popen`` would for a program that cannot be executed, so a missing or
     non-executable interpreter is still "cannot start X: ..." rather than an exit code 127."""
+    key = (argv0, env.get("PATH"))
+    now = time.monotonic()
+    if now - _checked.get(key, -CHECK_TRUSTED) < CHECK_TRUSTED:
+        return
+    _check_executable(argv0, env)
+    if len(_checked) > 256:
+        _checked.clear()
+    _checked[key] = now
+
+
+def _check_executable(argv0: str, env: dict[str, str]) -> None:
     path = argv0 if "/" in argv0 else shutil.which(argv0, path=env.get("PATH", os.defpath))
     if path is None or not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv0)
