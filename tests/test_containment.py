@@ -375,3 +375,17 @@ def test_an_unknown_choice_falls_back_to_auto(monkeypatch):
     found = Containment.detect()
     found.close()
     assert found.mechanism
+
+
+@pytest.mark.parametrize("choice", [p for p in MECHANISMS if p.values[0] != "session"])
+def test_runs_made_ahead_for_a_batch_are_used_in_order_and_removed_at_close(choice):
+    found = Containment.detect(choice)
+    try:
+        found.reserve(3)
+        runs = [found.prepare(PluginOptions()) for _ in range(4)]  # three made ahead, one not
+        firsts = [cages[0] for cages in runs]
+        assert [os.path.basename(p) for p in firsts] == ["run0", "run1", "run2", "run3"]
+        assert all(os.path.isdir(p) for p in firsts)
+    finally:
+        found.close()
+    assert not any(os.path.exists(root) for root in found.roots)
