@@ -239,3 +239,19 @@ def test_list_says_which_limit_mechanism_applies(plugin_dir, tracker):
     assert "cgroup memory limit" in lines[0] or "RLIMIT_AS only" in lines[0]
     held = [line for line in out.decode().splitlines() if line.startswith("# containment:")]
     assert len(held) == 1 and any(m in held[0] for m in ("cgroup v", "session ID")), held
+
+
+def test_a_refused_nice_is_one_warning_and_the_plugin_runs(monkeypatch, caplog):
+    """Like ``nice -n -5`` without privileges: a warning naming the plugin, never an error."""
+    from plugin_launcher import process
+
+    def refuse(which: int, who: int, prio: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(process.os, "setpriority", refuse)
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    with caplog.at_level("WARNING", logger="plugin_launcher.process"):
+        process.renice(os.getpid(), -5, "worker_eager.sh")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"plugin worker_eager.sh: cannot set nice {max(-20, ours - 5)} (Operation not "
+        f"permitted); it runs at nice {ours}"]

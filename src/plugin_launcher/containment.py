@@ -8,8 +8,9 @@ plugin's first instruction, then execs the plugin in the same process (same PID)
 
 The prologue checks that its parent is still the host (else the host died before PDEATHSIG was
 set: exit), joins the run's cgroups (exit if they are gone: the host died and the guardian
-removed them), sets the rlimits with ``ulimit`` and execs ``nice -n N`` (when asked) and the
-plugin.  Everything is decided here in the host, once per launcher; ``list`` shows it.
+removed them), sets the rlimits with ``ulimit`` and execs the plugin.  ``nice`` is set by the
+host while the prologue waits at its gate (process.spawn): no exec of ``nice`` per plugin.
+Everything is decided here in the host, once per launcher; ``list`` shows it.
 """
 
 from __future__ import annotations
@@ -131,7 +132,6 @@ class Containment:
     roots: list[str] = field(default_factory=list)  # launcher folders (kill first, memory last)
     memory_root: str | None = None  # where memory_max is a memory controller limit
     setpriv: str | None = None
-    nice: str | None = None
     _runs: itertools.count[int] = field(default_factory=itertools.count)
     _reserved: deque[str] = field(default_factory=deque)  # run folders made ahead (reserve())
 
@@ -143,7 +143,7 @@ class Containment:
         if choice not in CHOICES:
             choice = "auto"
         me = f"{os.getpid()}-{_start_time(os.getpid())}-{next(_serial)}"
-        self = cls("session ID", setpriv=shutil.which("setpriv"), nice=shutil.which("nice"))
+        self = cls("session ID", setpriv=shutil.which("setpriv"))
         if choice == "session":
             return self
         found = hierarchies()
@@ -245,10 +245,7 @@ class Containment:
         script = prologue([os.path.join(c, "cgroup.procs") for c in cages],
                           ulimit_commands(options),
                           host_pid if self.setpriv and not cages else None, gate)
-        tail = argv
-        if options.nice is not None and self.nice:
-            tail = [self.nice, "-n", str(options.nice), "--", *argv]
-        chain = [SHELL, "-c", script, "plugin-launcher", *tail]
+        chain = [SHELL, "-c", script, "plugin-launcher", *argv]
         if self.setpriv and not cages:
             # Only where no cgroup holds the run: a cgroup is swept whole (by the guardian, the
             # watchman, or the next launcher), and it sits inside the host's own cgroup, which

@@ -1,8 +1,9 @@
 """Per-plugin resource limits: rlimits and nice, plus a cgroup memory limit where writable.
 
 ``setrlimit`` and ``setpriority`` bind the plugin and everything it starts, need no privileges
-and exist on every Linux.  They are applied by the exec'd prologue of containment.py (``ulimit``
-and ``nice -n``), never in a ``preexec_fn``.  ``memory_max`` is also a memory-controller limit
+and exist on every Linux.  The rlimits are applied by the exec'd prologue of containment.py
+(``ulimit``), the niceness by the host while that prologue waits at its gate (process.spawn);
+never in a ``preexec_fn``.  ``memory_max`` is also a memory-controller limit
 where the launcher may write cgroups; ``mechanism()`` reports what this machine offers.
 """
 
@@ -55,5 +56,6 @@ def mechanism(containment: Containment | None = None) -> str:
                   f"({os.path.dirname(containment.memory_root)})")
     elif containment is not None:
         memory = "; no writable cgroup memory controller: memory_max is RLIMIT_AS only"
-    return ("setrlimit (RLIMIT_AS, RLIMIT_NOFILE, RLIMIT_CPU) and nice, set by an exec'd "
-            f"prologue in the child (no preexec_fn, no fork of the host){memory}")
+    return ("setrlimit (RLIMIT_AS, RLIMIT_NOFILE, RLIMIT_CPU) by an exec'd prologue in the "
+            "child, nice by the host before the plugin's first instruction (no preexec_fn, no "
+            f"fork of the host){memory}")

@@ -29,9 +29,11 @@ from .machine import (
     split_returncode,
 )
 from .notify import Readiness
-from .output import LineSplitter
+from .output import LineSplitter, safe_logger
 from .plan import Decision
 from .timers import Timer
+
+log = safe_logger("plugin_launcher.process")  # names escaped
 
 
 @dataclass
@@ -147,6 +149,18 @@ class PluginProcess:
 _default_containment: Containment | None = None
 
 
+def renice(pid: int, increment: int, name: str) -> None:
+    """``nice -n increment`` for process ``pid`` (the host's niceness plus ``increment``,
+    within -20..19); like ``nice``, a refused change (raising priority needs privileges) is
+    one warning and the plugin runs at the host's niceness."""
+    target = max(-20, min(19, os.getpriority(os.PRIO_PROCESS, 0) + increment))
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, target)
+    except OSError as exc:
+        log.warning("plugin %s: cannot set nice %d (%s); it runs at nice %d", name, target,
+                    exc.strerror or exc, os.getpriority(os.PRIO_PROCESS, 0))
+
+
 def spawn(decision: Decision, env: dict[str, str], containment: Containment | None = None,
           announce: Callable[[int], None] | None = None) -> Run:
     """Start one run: own session and process group, stdin from /dev/null, no inherited fds,
@@ -155,7 +169,9 @@ def spawn(decision: Decision, env: dict[str, str], containment: Containment | No
 
     ``announce(pid)`` tells the guardian.  Without cgroups the plugin waits for it: its prologue
     reads one line from a pipe that is written only after ``announce`` returned (and reaches
-    end-of-file if the host dies first), so no plugin ever runs unknown to the guardian."""
+    end-of-file if the host dies first), so no plugin ever runs unknown to the guardian.  The
+    same gate holds a plugin with ``nice`` until the host has set it on the waiting process:
+    nothing of the plugin ever runs at the host's priority."""
     global _default_containment
     assert decision.command is not None
     if containment is None:
@@ -163,11 +179,13 @@ def spawn(decision: Decision, env: dict[str, str], containment: Containment | No
             _default_containment = Containment.detect("session")
         containment = _default_containment
     check_executable(decision.command[0], env)
-    cages = containment.prepare(decision.options)  # before the spawn: the guardian sweeps them
-    gate_r, gate_w = os.pipe() if not cages else (subprocess.DEVNULL, None)
+    options = decision.options
+    cages = containment.prepare(options)  # before the spawn: the guardian sweeps them
+    gated = not cages or options.nice is not None
+    gate_r, gate_w = os.pipe() if gated else (subprocess.DEVNULL, None)
     try:
         popen = subprocess.Popen(
-            containment.command(decision.command, decision.options, cages, os.getpid(),
+            containment.command(decision.command, options, cages, os.getpid(),
                                 gate=gate_w is not None),
             stdin=gate_r,
             stdout=subprocess.PIPE,
@@ -187,6 +205,8 @@ def spawn(decision: Decision, env: dict[str, str], containment: Containment | No
             os.close(gate_r)
     cgroups.register(popen.pid, cages)
     try:
+        if options.nice is not None:
+            renice(popen.pid, options.nice, decision.name)
         if announce is not None:
             announce(popen.pid)
     finally:
