@@ -99,6 +99,45 @@ def test_sigterm_with_a_stalled_stdout_reader_exits_within_stop_timeout(
         os.close(read_end)
 
 
+def test_sigterm_with_stdout_and_stderr_to_one_stalled_reader(
+        plugin_dir: Path, tracker: ProcessTracker, tmp_path: Path) -> None:
+    """`run 2>&1 | reader` where the reader never reads: our own messages (a plugin restarting
+    over and over logs two lines a run) go to the same full pipe, yet the loop goes on and
+    SIGTERM stops everything within stop timeout + 2 s (before: the loop blocked in the log
+    handler's write() until the reader read)."""
+    runs = tmp_path / "runs"
+    write_plugin(plugin_dir, "all_flood.sh", FLOOD)
+    write_plugin(plugin_dir, "all_flap.sh", f"#!/bin/sh\necho $$ >> {runs}\nexit 1\n")
+    config = tmp_path / "lmcache.yaml"
+    config.write_text(f"plugin_locations: [{str(plugin_dir)!r}]\n"
+                      "plugin_options:\n  all_flap.sh: {restart: always, max_restarts: 0, "
+                      "backoff: {initial: 0.05, max: 0.05}}\n")
+    read_end, write_end = os.pipe()
+    proc = tracker.popen([*CLI, "run", "--role", "worker", "--config", str(config),
+                          "--stop-timeout", "1"], stdout=write_end, stderr=write_end)
+    os.close(write_end)
+
+    def flap_runs() -> list[int]:
+        return [int(x) for x in runs.read_text().split()] if runs.exists() else []
+
+    try:
+        wait_for(lambda: pipe_full(read_end), message="the pipe to fill up")
+        before = len(flap_runs())
+        # every run of all_flap.sh logs "exited" and "restarting" into the full pipe
+        wait_for(lambda: len(flap_runs()) >= before + 5,
+                 message="all_flap.sh to be restarted while the pipe is full")
+        tracker.add(*flap_runs())
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        elapsed = time.monotonic() - started
+        assert code == 0
+        assert elapsed < 1 + 2, f"exit took {elapsed:.1f}s"
+        wait_gone(flap_runs(), timeout=1)
+    finally:
+        os.close(read_end)
+
+
 def test_slow_reader_gets_every_line_in_order(plugin_dir: Path, tracker: ProcessTracker,
                                               tmp_path: Path) -> None:
     """A reader slower than the plugins (the sink buffer fills and reading pauses again and

@@ -378,14 +378,18 @@ def test_an_unknown_choice_falls_back_to_auto(monkeypatch):
 
 
 @pytest.mark.parametrize("choice", [p for p in MECHANISMS if p.values[0] != "session"])
-def test_runs_made_ahead_for_a_batch_are_used_in_order_and_removed_at_close(choice):
+def test_runs_made_ahead_for_a_batch_go_to_their_plugins_and_the_rest_are_removed(choice):
     found = Containment.detect(choice)
     try:
-        found.reserve(3)
-        runs = [found.prepare(PluginOptions()) for _ in range(4)]  # three made ahead, one not
+        found.reserve([(name, PluginOptions()) for name in ("a", "b", "c")])
+        runs = [found.prepare(PluginOptions(), name) for name in ("b", "a", "d")]
         firsts = [cages[0] for cages in runs]
-        assert [os.path.basename(p) for p in firsts] == ["run0", "run1", "run2", "run3"]
+        assert [os.path.basename(p) for p in firsts] == ["run1", "run0", "run3"]
         assert all(os.path.isdir(p) for p in firsts)
+        left = os.path.join(os.path.dirname(firsts[0]), "run2")  # "c" took none: released
+        assert os.path.isdir(left)
+        found.release()
+        assert not os.path.exists(left) and all(os.path.isdir(p) for p in firsts)
     finally:
         found.close()
     assert not any(os.path.exists(root) for root in found.roots)

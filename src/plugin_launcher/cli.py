@@ -37,7 +37,7 @@ from .launcher import (
     check_output_batch,
     check_role,
 )
-from .logs import JsonFormatter, JsonSink
+from .logs import JsonFormatter, JsonSink, NonBlockingLogHandler
 from .machine import describe_returncode, shell_status
 from .options import OptionError, check_stop_timeout
 from .output import StreamSink, safe_logger, safe_name
@@ -415,7 +415,7 @@ def _run(args: argparse.Namespace, command: list[str], sink: StreamSink, batch: 
         elif launcher.settled and not stay:
             return _plain_exit_code(launcher)
         while True:
-            for key, _ in selector.select():
+            for key, _ in _select(selector):
                 if key.data == "signal":
                     for signum in _drain(wake_r):
                         if child is not None:
@@ -484,7 +484,7 @@ def _await_ready(launcher: PluginLauncher, name: str, selector: selectors.BaseSe
             log.error("--wait-ready: %s after the longest ready_timeout (%gs); not starting %s",
                       why, limit, name)
             return 1
-        for key, _ in selector.select(min(left, 1.0)):
+        for key, _ in _select(selector, min(left, 1.0)):
             if key.data == "notify":
                 _drain(notify_r)
             elif key.data == "signal":
@@ -527,7 +527,7 @@ def _await_stop(launcher: PluginLauncher, selector: selectors.BaseSelector,
     next_report = time.monotonic() + PROGRESS_EVERY
     killed = False
     while not launcher.stopped:
-        for key, _ in selector.select(max(0.0, next_report - time.monotonic())):
+        for key, _ in _select(selector, max(0.0, next_report - time.monotonic())):
             if key.data == "notify":
                 _drain(notify_r)
             elif key.data == "signal":
@@ -564,6 +564,45 @@ def _drain(fd: int) -> bytes:
         data += chunk
 
 
+_LOG_HANDLER: list[NonBlockingLogHandler] = []  # the CLI's stderr handler, when it has one
+LOG_RETRY = 0.2  # seconds between attempts to push our pending messages to a lagging reader
+LOG_FINISH_STALL = 1.0  # at exit, pending messages wait this long for a reader that reads none
+
+
+def _configure_logging() -> None:
+    """Our messages to stderr through a handler that never blocks (logs.NonBlockingLogHandler);
+    a stderr without a descriptor (an embedding that replaced it) keeps a plain handler."""
+    fmt = "%(asctime)s plugin-launcher %(levelname)s %(message)s"
+    root = logging.getLogger()
+    if root.handlers:  # configured already (an embedding, a test harness): leave it alone
+        return
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=fmt)
+        return
+    handler = NonBlockingLogHandler(fd)
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    _LOG_HANDLER.append(handler)
+
+
+def _select(selector: selectors.BaseSelector,
+            timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+    """``selector.select``, also pushing out our own messages while a stderr reader lags."""
+    for handler in _LOG_HANDLER:
+        if handler.pending():
+            handler.flush()
+            if handler.pending():
+                timeout = LOG_RETRY if timeout is None else min(timeout, LOG_RETRY)
+    return selector.select(timeout)
+
+
+def _finish_logging() -> None:
+    for handler in _LOG_HANDLER:
+        handler.finish(LOG_FINISH_STALL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .guardian_client import GuardianClient
 
@@ -573,8 +612,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         at = argv.index("--")
         argv, command = argv[:at], argv[at + 1:]
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s plugin-launcher %(levelname)s %(message)s")
+    _configure_logging()
+    try:
+        return _main(argv, command)
+    finally:
+        _finish_logging()
+
+
+def _main(argv: list[str], command: list[str]) -> int:
     parser = build_parser()
     if not argv and not command:  # bare `plugin-launcher`: the usage with examples, not an error
         parser.print_help(sys.stderr)

@@ -23,7 +23,6 @@ import shlex
 import shutil
 import stat
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from . import cgroups
@@ -133,7 +132,7 @@ class Containment:
     memory_root: str | None = None  # where memory_max is a memory controller limit
     setpriv: str | None = None
     _runs: itertools.count[int] = field(default_factory=itertools.count)
-    _reserved: deque[str] = field(default_factory=deque)  # run folders made ahead (reserve())
+    _reserved: dict[str, tuple[str, ...]] = field(default_factory=dict)  # see reserve()
 
     @classmethod
     def detect(cls, choice: str | None = None) -> Containment:
@@ -192,39 +191,35 @@ class Containment:
             death = "no setpriv: no PDEATHSIG (the guardian alone ends plugins if the host dies)"
         return f"{what}; {death}"
 
-    def reserve(self, count: int) -> None:
-        """Make the first hierarchy's folders of the next ``count`` runs now, in one go: a
+    def reserve(self, runs: list[tuple[str, PluginOptions]]) -> None:
+        """Make the cgroups of a batch of runs (``(key, options)`` each) now, in one go: a
         ``mkdir`` in a cgroup file system waits for every plugin that is joining its cgroup at
-        that moment, so making them between the spawns of a batch costs ten times as much."""
-        if not self.roots:
-            return
-        for _ in range(count):
-            path = os.path.join(self.roots[0], f"run{next(self._runs)}")
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                pass
-            except OSError:
-                return
-            self._reserved.append(path)
+        that moment, so making them between the spawns of a batch costs ten times as much.
+        ``prepare(options, key)`` then hands them out; ``release()`` removes those left."""
+        if self.roots:
+            for key, options in runs:
+                self._reserved[key] = self._make(options)
 
-    def prepare(self, options: PluginOptions) -> tuple[str, ...]:
-        """Create the cgroups of the next run (before it is spawned: no window); () if none."""
-        if not self.roots:
-            return ()
-        if self._reserved:
-            first = self._reserved.popleft()
-            name = os.path.basename(first)
-        else:
-            first, name = "", f"run{next(self._runs)}"
+    def release(self) -> None:
+        """Remove the reserved cgroups no run took (a plugin that went to standby)."""
+        for cages in self._reserved.values():
+            for path in cages:
+                cgroups.remove(path)
+        self._reserved.clear()
+
+    def prepare(self, options: PluginOptions, key: str | None = None) -> tuple[str, ...]:
+        """The cgroups of the next run, made before it is spawned (no window); () if none."""
+        if key is not None and key in self._reserved:
+            return self._reserved.pop(key)
+        return self._make(options) if self.roots else ()
+
+    def _make(self, options: PluginOptions) -> tuple[str, ...]:
+        name = f"run{next(self._runs)}"
         made = []
         for root in self.roots:
             if root == self.memory_root and root != self.roots[0] and options.memory_max is None:
                 continue  # a hierarchy of its own that only carries memory_max: not needed
             path = os.path.join(root, name)
-            if path == first:
-                made.append(path)
-                continue
             try:
                 os.mkdir(path)
             except FileExistsError:

@@ -16,13 +16,14 @@ import time
 from collections import deque
 from typing import Any
 
-from .output import StreamSink, display_name, utc_stamp
+from .output import NonBlockingOutput, StreamSink, display_name, utc_stamp
 
 log = logging.getLogger("plugin_launcher.logs")
 _encode = json.encoder.encode_basestring
 RING_LINES = 1000
 RING_BYTES = 256 * 1024
 RETRY_OPEN = 5.0  # seconds between attempts to reopen a log file that failed
+LOG_BUFFER = 256 * 1024  # bytes of our own messages held for a stderr reader that lags
 
 
 class JsonSink(StreamSink):
@@ -34,6 +35,70 @@ class JsonSink(StreamSink):
                 f'"stream": "{stream}", "pid": {"null" if pid is None else int(pid)}, "line": ')
         lines = block.decode("utf-8", "replace").split("\n")[:-1]
         self._emit(["".join([f"{head}{_encode(line)}}}\n" for line in lines]).encode("utf-8")])
+
+
+class NonBlockingLogHandler(logging.Handler):
+    """The CLI's own messages to stderr, never blocking the thread that logs (the supervisor's
+    loop included): with ``run 2>&1 | reader`` and a reader that stops reading, a plain
+    ``StreamHandler`` would block the loop in ``write()`` and no signal would be served.
+
+    What the reader does not take waits (``LOG_BUFFER`` bytes); past that, messages are
+    dropped and counted, and one line says how many once the reader takes data again.  The
+    CLI's own loop calls ``flush()`` while something is pending and ``finish()`` at exit."""
+
+    def __init__(self, fd: int, limit: int = LOG_BUFFER) -> None:
+        super().__init__()
+        self.out = NonBlockingOutput(fd, limit)
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "replace")
+        except Exception:  # noqa: BLE001 - logging's own convention
+            self.handleError(record)
+            return
+        self._flush_locked()
+        if self.out.pending() + len(data) > self.out.limit:
+            self.dropped += 1
+            return
+        self.out.put(data)
+
+    def _flush_locked(self) -> None:
+        self.out.flush()
+        if self.dropped and not self.out.pending():
+            note = logging.makeLogRecord({
+                "name": "plugin_launcher", "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": "%d messages of plugin-launcher were dropped: stderr was not read",
+                "args": (self.dropped,)})
+            self.dropped = 0
+            self.out.put((self.format(note) + "\n").encode("utf-8", "replace"))
+
+    def pending(self) -> int:
+        return self.out.pending()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._flush_locked()
+        finally:
+            self.release()
+
+    def finish(self, stall: float) -> None:
+        """At exit: deliver what is pending while the reader takes some within ``stall``."""
+        self.acquire()
+        try:
+            self._flush_locked()
+            self.out.finish(stall)
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self.out.close()
+        finally:
+            self.release()
+        super().close()
 
 
 class JsonFormatter(logging.Formatter):

@@ -205,19 +205,14 @@ def nonblocking_writer(fd: int) -> tuple[int, bool, bool]:
         return fd, True, False  # no /proc: the old blocking behaviour
 
 
-class StreamSink:
-    """Prefixed lines to a file descriptor (the CLI's stdout), never blocking the caller.
+class NonBlockingOutput:
+    """Bytes to a file descriptor without ever blocking the caller: what the reader does not
+    take now waits in a pending buffer, which ``flush()`` (when ``fileno()`` is writable) and
+    ``finish()`` (at exit) deliver.  ``full()`` tells the caller to stop producing."""
 
-    Lines go out at once while the reader keeps up; otherwise they wait in a pending buffer and
-    the supervisor, seeing ``full()``, stops reading plugin pipes (the pipes slow the plugins;
-    nothing is dropped) and calls ``flush()`` when ``fileno()`` is writable again.
-    """
-
-    def __init__(self, fd: int, *, timestamps: bool = False, limit: int = SINK_BUFFER) -> None:
+    def __init__(self, fd: int, limit: int = SINK_BUFFER) -> None:
         self.fd = fd
-        self.timestamps = timestamps
         self.limit = limit
-        self._prefixes: dict[str, tuple[bytes, bytes]] = {}
         self._pending = bytearray()
         self._broken = False
         try:
@@ -226,21 +221,6 @@ class StreamSink:
             self._terminal = False
         self._out, self._blocking, self._own = nonblocking_writer(fd)
         self._socket = not self._blocking and not self._own
-
-    def write(self, name: str, stream: str, block: bytes, pid: int | None = None) -> None:
-        prefix = self._prefixes.get(name)
-        if self.timestamps:  # one time per block: the lines of a block were read together
-            head = f"{utc_stamp()} [{safe_name(name)}] ".encode()
-            prefix = (head, b"\n" + head)
-        elif prefix is None:
-            head = f"[{safe_name(name)}] ".encode()
-            prefix = self._prefixes[name] = (head, b"\n" + head)
-        if self._terminal:  # never a plugin's escape sequence raw on a terminal
-            block = safe_block(block)
-        elif not block.isascii():  # ASCII is valid UTF-8: skip the round trip on the hot path
-            block = block.decode("utf-8", "replace").encode("utf-8")
-        # One gathered write per block: no concatenated copy of the whole block.
-        self._emit([prefix[0], block[:-1].replace(b"\n", prefix[1]), b"\n"])
 
     def _emit(self, parts: list[bytes]) -> None:
         """Write ``parts`` now if nothing is pending, else queue them behind what is."""
@@ -275,6 +255,10 @@ class StreamSink:
             return sum(len(p) for p in parts)
 
     # ------------------------------------------------- flow control (see Supervisor._flow)
+    def put(self, data: bytes) -> None:
+        """Write ``data`` now, or queue it behind what is pending (see ``full()``)."""
+        self._emit([data])
+
     def fileno(self) -> int:
         """The descriptor to wait on for writability while lines are pending."""
         return self._out
@@ -327,6 +311,35 @@ class StreamSink:
             except OSError:
                 return
             view = view[written:]
+
+
+class StreamSink(NonBlockingOutput):
+    """Prefixed lines to a file descriptor (the CLI's stdout), never blocking the caller.
+
+    Lines go out at once while the reader keeps up; otherwise they wait in a pending buffer and
+    the supervisor, seeing ``full()``, stops reading plugin pipes (the pipes slow the plugins;
+    nothing is dropped) and calls ``flush()`` when ``fileno()`` is writable again.
+    """
+
+    def __init__(self, fd: int, *, timestamps: bool = False, limit: int = SINK_BUFFER) -> None:
+        super().__init__(fd, limit)
+        self.timestamps = timestamps
+        self._prefixes: dict[str, tuple[bytes, bytes]] = {}
+
+    def write(self, name: str, stream: str, block: bytes, pid: int | None = None) -> None:
+        prefix = self._prefixes.get(name)
+        if self.timestamps:  # one time per block: the lines of a block were read together
+            head = f"{utc_stamp()} [{safe_name(name)}] ".encode()
+            prefix = (head, b"\n" + head)
+        elif prefix is None:
+            head = f"[{safe_name(name)}] ".encode()
+            prefix = self._prefixes[name] = (head, b"\n" + head)
+        if self._terminal:  # never a plugin's escape sequence raw on a terminal
+            block = safe_block(block)
+        elif not block.isascii():  # ASCII is valid UTF-8: skip the round trip on the hot path
+            block = block.decode("utf-8", "replace").encode("utf-8")
+        # One gathered write per block: no concatenated copy of the whole block.
+        self._emit([prefix[0], block[:-1].replace(b"\n", prefix[1]), b"\n"])
 
 
 def socket_send(fd: int, data: bytes) -> int:

@@ -180,7 +180,7 @@ def spawn(decision: Decision, env: dict[str, str], containment: Containment | No
         containment = _default_containment
     check_executable(decision.command[0], env)
     options = decision.options
-    cages = containment.prepare(options)  # before the spawn: the guardian sweeps them
+    cages = containment.prepare(options, decision.name)  # before the spawn (no window)
     gated = not cages or options.nice is not None
     gate_r, gate_w = os.pipe() if gated else (subprocess.DEVNULL, None)
     try:

@@ -368,7 +368,15 @@ class Supervisor:
     def launch(self, decisions: Iterable[Decision], change: str | None = None) -> None:
         decisions = list(decisions)
         if self.containment is not None:
-            self.containment.reserve(sum(d.command is not None for d in decisions))
+            self.containment.reserve([(d.name, d.options) for d in decisions
+                                      if d.command is not None and d.name not in self.procs])
+        try:
+            self._launch(decisions, change)
+        finally:
+            if self.containment is not None:
+                self.containment.release()
+
+    def _launch(self, decisions: list[Decision], change: str | None) -> None:
         for decision in decisions:
             old = self.procs.get(decision.name)
             if old is not None and old.state in ACTIVE_STATES:
