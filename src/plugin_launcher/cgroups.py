@@ -147,6 +147,13 @@ def kill_cgroup(path: str, sig: int = signal.SIGKILL) -> None:
 
 def remove(path: str) -> bool:
     """rmdir the cgroup (children first); True once it is gone."""
+    try:
+        os.rmdir(path)  # the common case: a run's cgroup has no child cgroups
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
     for folder, dirs, _files in os.walk(path, topdown=False):
         for name in dirs:
             try:

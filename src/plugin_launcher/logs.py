@@ -52,8 +52,8 @@ class NonBlockingLogHandler(logging.Handler):
         self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            data = (self.format(record) + "\n").encode("utf-8", "replace")
+        try:  # undecodable bytes in a name as ``\udcff``, as Python's own stderr shows them
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
         except Exception:  # noqa: BLE001 - logging's own convention
             self.handleError(record)
             return
@@ -71,7 +71,7 @@ class NonBlockingLogHandler(logging.Handler):
                 "msg": "%d messages of plugin-launcher were dropped: stderr was not read",
                 "args": (self.dropped,)})
             self.dropped = 0
-            self.out.put((self.format(note) + "\n").encode("utf-8", "replace"))
+            self.out.put((self.format(note) + "\n").encode("utf-8", "backslashreplace"))
 
     def pending(self) -> int:
         return self.out.pending()
