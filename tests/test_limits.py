@@ -109,6 +109,33 @@ def test_memory_max_stops_a_greedy_plugin_and_counts_as_failure(plugin_dir, trac
     assert logs.started_pids("worker_calm.sh") == [calm_pid]
 
 
+def test_a_memory_cgroup_oom_kill_is_reported_as_memory_max(plugin_dir, tracker, launchers,
+                                                               logs, tmp_path):
+    """Memory that RLIMIT_AS does not see (tmpfs pages) still counts in the plugin's memory
+    cgroup: the kernel SIGKILLs it there, and the log names the limit, not just the signal."""
+    from plugin_launcher.containment import Containment
+
+    found = Containment.detect()
+    found.close()
+    if found.memory_root is None:
+        pytest.skip("no writable cgroup memory controller here: memory_max is RLIMIT_AS only")
+    shm = Path("/dev/shm") / f"plugin-launcher-test-{os.getpid()}-{tmp_path.name}"
+    write_plugin(plugin_dir, "worker_shm.sh",
+                 f"#!/bin/sh\necho filling\nexec dd if=/dev/zero of={shm} bs=1M count=256\n")
+    config = make_config(plugin_dir, {"worker_shm.sh": {"memory_max": "64M"}})
+    try:
+        launcher = start(PluginLauncher(config, ROLE), launchers)
+        wait_for(lambda: status_of(launcher, "worker_shm.sh")["state"] in ("exited", "failed"),
+                 DEADLINE, message="worker_shm.sh to be stopped by its memory cgroup")
+        tracker.add(*logs.started_pids("worker_shm.sh"))
+        entry = status_of(launcher, "worker_shm.sh")
+        assert entry["signal"] == "SIGKILL", logs.lines()
+        assert logs.having("plugin worker_shm.sh", "SIGKILL",
+                           f"stopped by limit memory_max={64 * MIB}"), logs.lines()
+    finally:
+        shm.unlink(missing_ok=True)
+
+
 # -------------------------------------------------------------- nice and open_files_max
 
 

@@ -35,6 +35,7 @@ KILL_ROUNDS_WAIT = 0.01
 
 # pgid (the plugin's session ID too) -> the cgroup folders of that run (host side only)
 _CAGES: dict[int, tuple[str, ...]] = {}
+_OOM_KILLED: set[int] = set()  # runs whose cgroups saw an OOM kill before they were removed
 
 
 # ---------------------------------------------------------------------------- /proc and sessions
@@ -190,6 +191,21 @@ def signal_tree(path: str, sig: int) -> None:
 
 
 # ------------------------------------------------------------- the host's runs and their cages
+def oom_kills(path: str) -> int:
+    """Processes the kernel's OOM killer ended in cgroup ``path`` because of its memory limit
+    (v2 ``memory.events``, v1 ``memory.oom_control``; 0 where neither says)."""
+    for name in ("memory.events", "memory.oom_control"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
 def register(pgid: int, paths: tuple[str, ...]) -> None:
     if paths:
         _CAGES[pgid] = paths
@@ -200,10 +216,22 @@ def cages_of(pgid: int) -> tuple[str, ...]:
 
 
 def release(pgid: int) -> None:
-    """The run is over: remove its cgroups and forget them (kept while one is still busy)."""
+    """The run is over: remove its cgroups and forget them (kept while one is still busy).
+    An OOM kill they saw is remembered for ``oom_killed`` (their files go with them)."""
     paths = _CAGES.get(pgid, ())
+    if paths and sum(oom_kills(path) for path in paths):
+        _OOM_KILLED.add(pgid)
     if paths and all([remove(path) for path in paths]):
         del _CAGES[pgid]
+
+
+def oom_killed(pgid: int) -> bool:
+    """Whether the kernel's OOM killer ended a process of run ``pgid`` in its memory cgroup
+    (asked once, when the run is over)."""
+    if pgid in _OOM_KILLED:
+        _OOM_KILLED.discard(pgid)
+        return True
+    return any(oom_kills(path) for path in _CAGES.get(pgid, ()))
 
 
 # ------------------------------------------------------------- what the process-group code calls

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from . import limits
+from . import cgroups, limits
 from .containment import Containment
 from .guardian import GroupEnder, live_groups, signal_group
 from .guardian_client import GuardianClient
@@ -863,8 +863,12 @@ class Supervisor:
         """The run is over (leader reaped, output read): its machine decides what follows."""
         code = run.returncode
         assert code is not None
+        options = proc.decision.options
+        if (cgroups.oom_killed(run.pgid) and run.limit_hit is None and code != 0
+                and options.memory_max is not None):
+            run.limit_hit = f"memory_max={options.memory_max}"  # its memory cgroup's OOM kill
         if run.limit_hit is None and code < 0:
-            run.limit_hit = limits.limit_for_signal(proc.decision.options, -code)
+            run.limit_hit = limits.limit_for_signal(options, -code)
         limit_hit = run.limit_hit
         self.liveness.ended(proc)
         self._feed(proc, lambda: proc.machine.ended(code, limit_hit))
