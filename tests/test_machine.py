@@ -437,6 +437,20 @@ def test_a_spawn_failure_is_a_failed_run_for_the_policy() -> None:
     assert m.state == State.FAILED
 
 
+def test_a_spawn_failure_not_restarted_is_failed_not_exited() -> None:
+    """README: ``failed`` means gave up (past max_restarts, or could not start)."""
+    m = machine(restart="never")
+    m.start()
+    actions = m.spawn_failed("cannot start /etc/hostname: Exec format error")
+    assert m.state == State.FAILED
+    assert [a.message for a in actions if isinstance(a, Log)] == [
+        "could not start (cannot start /etc/hostname: Exec format error); "
+        "not restarted (restart: never)"]
+    ended = running(machine(restart="never"))
+    ended.ended(3)
+    assert ended.state == State.EXITED  # a run that did start and ended stays `exited`
+
+
 def test_a_thousand_restarts_in_milliseconds() -> None:
     clock = Clock()
     m = running(machine(clock, restart="always", max_restarts=1000, backoff_max=0.5))

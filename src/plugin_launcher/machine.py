@@ -64,9 +64,9 @@ class Event(str, Enum):
     UP = "up"  # the run has lasted STARTSECS or printed a line
     STOP = "stop"  # stop requested (operator, host, reload): end the run, do not restart
     TIMEOUT = "timeout"  # the run's ``timeout`` expired: end it, a failure
-    EXIT = "exit"  # the run ended (or could not start) and is not restarted
+    EXIT = "exit"  # the run ended and is not restarted
     RETRY = "retry"  # the run ended (or could not start): restart after a backoff
-    GIVE_UP = "give-up"  # past max_restarts, or the plugin cannot run at all
+    GIVE_UP = "give-up"  # past max_restarts, or the plugin cannot run (or start) at all
     STOPPED = "stopped"  # the run ended after a stop
     STANDBY = "standby"  # scope: host: another launcher holds the host lock; no run here
 
@@ -422,8 +422,10 @@ class PluginMachine:
         return [*self._cancel(*RUN_TIMERS), Log(logging.ERROR, f"cannot run: {error}")]
 
     def spawn_failed(self, error: str) -> list[Action]:
-        """The run could not be spawned: a failed run (its restart policy decides)."""
-        return self._over(f"could not start ({error})", failure=True, level=logging.ERROR)
+        """The run could not be spawned: a failed run (its restart policy decides); one that is
+        not restarted is ``failed``, like a plugin that cannot run at all, never ``exited``."""
+        return self._over(f"could not start ({error})", failure=True, level=logging.ERROR,
+                          started=False)
 
     def ended(self, returncode: int, limit_hit: str | None = None) -> list[Action]:
         """The run is over: its leader is reaped and its output read to the end."""
@@ -443,7 +445,8 @@ class PluginMachine:
         level = logging.WARNING if failure and not self.stop_requested else logging.INFO
         return self._over(what, failure=failure, level=level)
 
-    def _over(self, what: str, *, failure: bool, level: int) -> list[Action]:
+    def _over(self, what: str, *, failure: bool, level: int,
+              started: bool = True) -> list[Action]:
         actions = self._cancel(*RUN_TIMERS)
         self.last_failure = failure
         pending, self.pending = self.pending, None
@@ -469,7 +472,7 @@ class PluginMachine:
             return [*actions, Log(level, f"{what}; restarting in {delay:.1f}s (restart "
                                          f"{self.restarts + 1}{limit})"),
                     self._arm("backoff", delay)]
-        if outcome.state == State.FAILED:
+        if outcome.state == State.FAILED or (outcome.state == State.EXITED and not started):
             self._go(Event.GIVE_UP)
             return [*actions, Log(logging.ERROR, f"{what}; {outcome.message}")]
         if outcome.state == State.STOPPED:
