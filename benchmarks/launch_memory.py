@@ -1,6 +1,7 @@
 """Launch cost against the host's memory (issue 11): 100 plugins, with and without limits, from a
 host with 0, 4 and 12 GB of resident (touched) memory, each next to a bare ``Popen`` loop in the
-same process and run.  A ``preexec_fn`` loop (what limits used before) shows what fork() costs.
+same process and run.  A ``preexec_fn`` loop (what limits used before) shows what fork() costs,
+and a loop of the contained command lines (the prologue alone) what containment costs.
 
     .venv/bin/python benchmarks/launch_memory.py                 # 0, 4 and 12 GB, 3 runs each
     .venv/bin/python benchmarks/launch_memory.py --sizes 0 1 --repeat 1 --plugins 20
@@ -68,6 +69,22 @@ def bare_popen(commands: list[list[str]], preexec: bool = False) -> float:
     return elapsed
 
 
+def contained_popen(commands: list[list[str]]) -> float:
+    """The bare loop with each command run through the launcher's containment prologue (its
+    cgroup made beforehand): what containment alone costs, with no launcher around it."""
+    from plugin_launcher.containment import Containment
+    from plugin_launcher.options import PluginOptions
+
+    containment = Containment.detect()
+    options = PluginOptions()
+    contained = [containment.command(c, options, containment.prepare(options), os.getpid())
+                 for c in commands]
+    try:
+        return bare_popen(contained)
+    finally:
+        containment.close()
+
+
 def launcher(folder: Path, n: int, limits: bool) -> float:
     from plugin_launcher import PluginLauncher
 
@@ -100,9 +117,10 @@ def one_size(gigabytes: float, n: int, repeat: int) -> dict[str, Any]:
             path.chmod(0o755)
         commands = [["/bin/sh", str(p)] for p in sorted(folder.iterdir())]
         samples: dict[str, list[float]] = {k: [] for k in
-                                           ("popen", "preexec", "launcher", "limits")}
+                                           ("popen", "preexec", "launcher", "limits", "floor")}
         for _ in range(repeat):
             samples["popen"].append(bare_popen(commands))
+            samples["floor"].append(contained_popen(commands))
             samples["launcher"].append(launcher(folder, n, False))
             samples["limits"].append(launcher(folder, n, True))
             samples["preexec"].append(bare_popen(commands, preexec=True))
@@ -110,7 +128,8 @@ def one_size(gigabytes: float, n: int, repeat: int) -> dict[str, Any]:
     del ballast
     return {"gigabytes": gigabytes, "rss_gb": round(resident, 2), "plugins": n,
             "samples": samples, "medians": medians,
-            "ratios": {k: medians[k] / medians["popen"] for k in ("launcher", "limits", "preexec")}}
+            "ratios": {k: medians[k] / medians["popen"]
+                       for k in ("launcher", "limits", "preexec", "floor")}}
 
 
 def main() -> int:
@@ -139,7 +158,7 @@ def main() -> int:
     print(f"launch {args.plugins} plugins, medians of {args.repeat}; ratio = over a bare Popen "
           f"loop in the same run; goal <= {GOAL}x")
     print(f"{'host RSS':>9} {'Popen':>8} {'launcher':>9} {'ratio':>6} {'limits':>8} {'ratio':>6}"
-          f" {'preexec_fn':>10} {'ratio':>6}  met")
+          f" {'preexec_fn':>10} {'ratio':>6} {'contained':>9} {'ratio':>6}  met")
     met_all = True
     for r in results:
         m, q = r["medians"], r["ratios"]
@@ -147,8 +166,11 @@ def main() -> int:
         met_all &= met
         print(f"{r['rss_gb']:>7.1f}GB {m['popen'] * 1e3:>6.0f}ms {m['launcher'] * 1e3:>7.0f}ms "
               f"{q['launcher']:>5.2f}x {m['limits'] * 1e3:>6.0f}ms {q['limits']:>5.2f}x "
-              f"{m['preexec'] * 1e3:>8.0f}ms {q['preexec']:>5.2f}x  {'yes' if met else 'NO'}")
+              f"{m['preexec'] * 1e3:>8.0f}ms {q['preexec']:>5.2f}x {m['floor'] * 1e3:>7.0f}ms "
+              f"{q['floor']:>5.2f}x  {'yes' if met else 'NO'}")
     print("goal met at every size" if met_all else "goal NOT met at some size")
+    print("contained: the bare loop with each command run through the containment prologue "
+          "alone (no launcher): the floor of any exec'd prologue on this machine")
     return 0  # figures, not a test: goals are reported, never asserted
 
 
