@@ -144,6 +144,7 @@ def end_groups(groups: dict[int, float]) -> None:
 
 
 WATCHMAN = "--watchman"
+RESCUE_WAIT = 1.0  # watchman: how long a host that may be dying together with the guardian has
 # How a guardian is started: ``python -I -S -c BOOT .../guardian.py HOST_PID ...``.  A script
 # run by path is compiled anew at every start; imported, it comes from its byte-code cache.
 BOOT = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv[1])); import guardian; "
@@ -154,7 +155,6 @@ def command(*args: str) -> list[str]:
     """The argv that starts a guardian (or, with ``WATCHMAN`` among ``args``, a watchman)."""
     return [sys.executable or "python3", "-I", "-S", "-c", BOOT, os.path.abspath(__file__),
             *args]
-RESCUE_WAIT = 1.0  # watchman: how long a host that may be dying together with the guardian has
 
 
 def parse_args(argv: list[str]) -> tuple[int, bool, list[str]]:
