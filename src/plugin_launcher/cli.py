@@ -566,7 +566,7 @@ def _drain(fd: int) -> bytes:
 
 _LOG_HANDLER: list[NonBlockingLogHandler] = []  # the CLI's stderr handler, when it has one
 LOG_RETRY = 0.2  # seconds between attempts to push our pending messages to a lagging reader
-LOG_FINISH_STALL = 1.0  # at exit, pending messages wait this long for a reader that reads none
+LOG_FINISH_STALL = 0.5  # at exit, our pending messages wait this long for a reader that reads none
 
 
 def _configure_logging() -> None:
