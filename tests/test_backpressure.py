@@ -354,6 +354,32 @@ def test_output_batch_delivers_every_line_in_order(plugin_dir: Path, tracker: Pr
         assert mine == [str(i) for i in range(n)], f"{name}: {len(mine)} lines"
 
 
+def test_low_cost_mode_does_not_throttle_a_flood_of_long_lines(
+        plugin_dir: Path, tracker: ProcessTracker, tmp_path: Path) -> None:
+    """60 MB in 30 kB lines, written as fast as the pipe takes them, in the default low-cost
+    mode: a writer blocked on a full pipe can leave less than 64 KiB in it, which was not seen
+    as a flood, so every read was followed by the 20 ms pause: 64 KiB per 20 ms, about 3 MB/s
+    (20 s here). Every line arrives whole and in order, in a few seconds at most."""
+    n = 2000
+    write_plugin(plugin_dir, "all_long.py",
+                 "import sys\nout = sys.stdout.buffer\n"
+                 f"for i in range({n}):\n    out.write(b'%05d' % i + b'x' * 29995 + b'\\n')\n",
+                 0o644)
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        proc = tracker.popen([*CLI, "run", "--role", "worker", "--plugin-location",
+                              str(plugin_dir)], stdout=f, stderr=subprocess.PIPE)
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"60 MB took over 10 s: {out.stat().st_size >> 20} MiB written so far")
+    assert proc.returncode == 0, err
+    lines = out.read_bytes().split(b"\n")[:-1]
+    assert [line[len(b"[all_long.py] "):][:5] for line in lines] == [b"%05d" % i
+                                                                      for i in range(n)]
+    assert all(len(line) == len(b"[all_long.py] ") + 30000 for line in lines)
+
+
 def test_output_batch_bad_value_is_one_error_line(plugin_dir: Path) -> None:
     result = subprocess.run([*CLI, "run", "--role", "worker", "--plugin-location",
                              str(plugin_dir), "--output-batch", "5"],

@@ -207,6 +207,40 @@ def test_tail_follow_ends_when_the_launcher_stops(plugin_dir: Path, tmp_path: Pa
     assert running.proc.wait(timeout=15) == 0
 
 
+def test_a_stopped_tail_follower_costs_the_launcher_bounded_memory(
+        plugin_dir: Path, tmp_path: Path, tracker: ProcessTracker) -> None:
+    """`ctl tail -f` on a flooding plugin, then the client is stopped (SIGSTOP): what waits for
+    it is bounded by bytes (4 MiB), not by blocks (before: 4096 blocks of up to 64 KiB, so up
+    to 256 MiB per follower and 16 followers)."""
+    import psutil
+
+    write_plugin(plugin_dir, "all_flood.py", "import sys\nline = b'x' * 30000 + b'\\n'\n"
+                 "while True:\n    sys.stdout.buffer.write(line * 2)\n", 0o644)
+    running = launch(plugin_dir, tmp_path / "c.sock", tracker)
+    host = psutil.Process(running.proc.pid)
+    follower = tracker.popen([*CLI, "ctl", "--control", str(running.sock), "tail",
+                              "all_flood.py", "-f"], stdout=subprocess.PIPE, env=ENV)
+    assert follower.stdout is not None
+    follower.stdout.readline()  # it follows
+    before = host.memory_info().rss
+    follower.send_signal(signal.SIGSTOP)
+    try:
+        peak = before
+        deadline = time.monotonic() + 4.0  # within CLIENT_TIMEOUT: the handler is still there
+        while time.monotonic() < deadline:
+            peak = max(peak, host.memory_info().rss)
+            time.sleep(0.05)
+        assert peak - before < 48 << 20, f"RSS grew by {(peak - before) >> 20} MiB"
+        assert running.proc.poll() is None
+    finally:
+        follower.send_signal(signal.SIGCONT)
+        follower.kill()
+        follower.wait(timeout=10)
+        follower.stdout.close()
+    running.proc.send_signal(signal.SIGTERM)
+    assert running.proc.wait(timeout=20) == 0
+
+
 def test_errors_unknown_plugin_bad_signal_and_usage(launcher_run: Running) -> None:
     result = ctl(launcher_run.sock, "restart", "all_ecoh.py")
     assert result.returncode == 1

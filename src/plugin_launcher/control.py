@@ -40,7 +40,7 @@ log = logging.getLogger("plugin_launcher.control")
 CLIENT_TIMEOUT = 5.0  # seconds a client may take to send its request or to take a reply
 MAX_REQUEST = 64 * 1024
 MAX_HANDLERS = 16  # connections served at once (a tail -f holds one)
-FOLLOW_QUEUE = 4096  # blocks buffered for one tail -f before lines are skipped
+FOLLOW_BYTES = 4 << 20  # output buffered for one tail -f client before lines are skipped
 FOLLOW_CHECK = 1.0  # a follower looks whether its client is gone this often while quiet
 SUN_PATH_MAX = 107
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_LAUNCHER = 0, 1, 2, 3
@@ -270,14 +270,18 @@ class ControlServer:
 
     def _follow(self, conn: socket.socket, name: str) -> None:
         """Stream each new line of ``name`` until the client leaves or the launcher stops."""
-        blocks: queue.Queue[tuple[str, bytes]] = queue.Queue(FOLLOW_QUEUE)
+        blocks: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         skipped = [0]
+        queued = [0]  # bytes waiting for this client: bounded by FOLLOW_BYTES
+        lock = threading.Lock()
 
         def tap(stream: str, block: bytes) -> None:  # on the supervisor loop: never blocks
-            try:
-                blocks.put_nowait((stream, block))
-            except queue.Full:
-                skipped[0] += block.count(b"\n")
+            with lock:
+                if queued[0] + len(block) > FOLLOW_BYTES:
+                    skipped[0] += block.count(b"\n")
+                    return
+                queued[0] += len(block)
+            blocks.put((stream, block))
 
         cancel = self.launcher.follow(name, tap)
         try:
@@ -288,9 +292,11 @@ class ControlServer:
                     if _client_gone(conn):
                         return
                     continue
-                if skipped[0]:
-                    _send(conn, {"skipped": skipped[0]})
-                    skipped[0] = 0
+                with lock:
+                    queued[0] -= len(block)
+                    lost, skipped[0] = skipped[0], 0
+                if lost:
+                    _send(conn, {"skipped": lost})
                 text = block.decode("utf-8", "replace")
                 payload = "".join(json.dumps({"line": line, "stream": stream}) + "\n"
                                   for line in text.split("\n")[:-1])

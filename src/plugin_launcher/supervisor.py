@@ -49,7 +49,10 @@ from .timers import Timer, TimerHeap
 log = safe_logger("plugin_launcher.supervisor")  # names and paths escaped
 T = TypeVar("T")
 READ_SIZE = 1 << 16
-FLOOD_READS = 8  # reads of one pipe in a row while each fills READ_SIZE (see _on_output)
+FLOOD_READS = 8  # reads of one pipe in a row while each is a flood's (see _on_output)
+# A read this large is a flood: a writer blocked on a full pipe can leave less than READ_SIZE
+# in it (a pipe is 16 page slots, the last one part-filled), so "a full read" would miss it.
+FLOOD_CHUNK = READ_SIZE // 2
 GROUP_CHECK = 0.05
 POLL_WITHOUT_PIDFD = 0.1
 MAX_SELECT_TIMEOUT = 3600.0  # epoll refuses ~24.8 days; a later timer is simply waited in steps
@@ -742,7 +745,7 @@ class Supervisor:
 
     # --------------------------------------------------------------------------------- events
     def _on_output(self, proc: PluginProcess, run: Run, fd: int) -> None:
-        """Read the pipe; while reads come back full (a flood), read it again at once, up to
+        """Read the pipe; while reads come back large (a flood), read it again at once, up to
         ``FLOOD_READS`` times: one loop round (two polls, timers, flow control) then serves
         up to 512 KiB instead of 64, and the round stays short (about a millisecond)."""
         flow = self._flow
@@ -761,7 +764,7 @@ class Supervisor:
                 return
             self._read_data = True
             self._consume(proc, run, fd, chunk)
-            if len(chunk) < READ_SIZE:
+            if len(chunk) < FLOOD_CHUNK:
                 return
             self._read_full = True  # a flood: no low-cost pause after this round
 
