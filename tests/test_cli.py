@@ -329,3 +329,15 @@ def test_list_and_run_select_the_same_plugins(role: str, worker_id: str,
         assert selected == {n for n, runs in SELECTION.items() if runs}
     else:
         assert selected == {"all_a.sh", "scheduler_e.sh", "sub/deeper/all_g.py"}
+
+
+def test_run_with_stdout_closed_is_one_error_line(plugin_dir: Path) -> None:
+    """`plugin-launcher run >&-`: a usage error naming the problem, no traceback, no plugin."""
+    write_plugin(plugin_dir, "worker_a.sh", "#!/bin/sh\necho hi\n")
+    result = subprocess.run(["/bin/sh", "-c", 'exec "$@" >&-', "sh", *CLI, "run", "--role",
+                             "worker", "--plugin-location", str(plugin_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: stdout is closed: plugin lines would have nowhere to go (redirect it to "
+        "/dev/null to discard them)"]

@@ -499,6 +499,11 @@ def _await_ready(launcher: PluginLauncher, name: str, selector: selectors.BaseSe
 
 def _output_sink(args: argparse.Namespace) -> StreamSink:
     """The sink for ``--log-format`` / ``--timestamps``; JSON also formats our own messages."""
+    try:
+        sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # started with stdout closed (`>&-`)
+        raise UsageError("stdout is closed: plugin lines would have nowhere to go (redirect "
+                         "it to /dev/null to discard them)") from None
     if args.log_format == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())
