@@ -282,3 +282,34 @@ def test_a_refused_nice_is_one_warning_and_the_plugin_runs(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"plugin worker_eager.sh: cannot set nice {max(-20, ours - 5)} (Operation not "
         f"permitted); it runs at nice {ours}"]
+
+
+def test_a_low_open_files_limit_is_raised_for_the_launcher_not_for_its_plugins(
+        plugin_dir, tracker, tmp_path):
+    """A soft RLIMIT_NOFILE of 64 (hard higher) and 40 plugins holding 3 descriptors each in the
+    launcher: every plugin starts (the launcher doubles its own soft limit when it runs out),
+    and each plugin keeps the soft limit of 64 it would have had (select() stays safe)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 512:
+        pytest.skip(f"the hard open files limit here is {hard}: no room to raise")
+    for i in range(40):
+        write_plugin(plugin_dir, f"worker_p{i:02d}.sh", "#!/bin/sh\necho ready\nexec sleep 60\n")
+    err = tmp_path / "err"
+    with open(err, "w") as errf:
+        proc = tracker.popen(["/bin/sh", "-c", 'ulimit -S -n 64 && exec "$@"', "sh", *CLI,
+                              "run", "--role", ROLE, "--plugin-location", str(plugin_dir)],
+                             stdout=subprocess.DEVNULL, stderr=errf)
+    try:
+        def started() -> list[int] | None:
+            pids = [int(m) for m in re.findall(r"started plugin \S+ \(pid (\d+)\)",
+                                                err.read_text())]
+            return pids if len(pids) == 40 else None
+
+        pids = wait_for(started, DEADLINE, message="40 plugins to start")
+        tracker.add(*pids)
+        assert "could not start" not in err.read_text()
+        assert "raised this process's open files limit from 64 to 1024" in err.read_text()
+        assert {proc_limit(pid, "Max open files")[0] for pid in pids} == {"64"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -25,7 +25,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from . import cgroups
+from . import cgroups, limits
 from .options import PluginOptions
 
 ENV_VAR = "PLUGIN_LAUNCHER_CONTAINMENT"  # auto (default) | cgroup2 | cgroup1 | session
@@ -309,6 +309,9 @@ def ulimit_commands(options: PluginOptions) -> list[str]:
     """rlimits as ``ulimit`` builtins of ``/bin/sh`` (no extra exec): RLIMIT_AS (KiB),
     RLIMIT_NOFILE, RLIMIT_CPU (SIGXCPU at the soft limit, SIGKILL one second later)."""
     commands = []
+    plugins_soft = limits.plugins_open_files()
+    if options.open_files_max is None and plugins_soft is not None:
+        commands.append(f"ulimit -S -n {plugins_soft}")  # what it had before we raised ours
     if options.memory_max is not None:
         soft, _hard = _clamp(resource.RLIMIT_AS, options.memory_max)
         commands.append(f"ulimit -v {max(1, soft // 1024)}")

@@ -9,7 +9,9 @@ where the launcher may write cgroups; ``mechanism()`` reports what this machine 
 
 from __future__ import annotations
 
+import logging
 import os
+import resource
 import signal
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,38 @@ from .options import PluginOptions
 
 if TYPE_CHECKING:
     from .containment import Containment
+
+log = logging.getLogger("plugin_launcher.limits")
+OPEN_FILES_CAP = 1 << 20  # the kernel's default nr_open: a hard limit of "unlimited" means this
+_plugins_open_files: list[int] = []  # the soft RLIMIT_NOFILE plugins keep once ours was raised
+
+
+def raise_open_files() -> bool:
+    """This process ran out of descriptors (EMFILE; each plugin holds three here): double its
+    soft RLIMIT_NOFILE within the hard limit, as a supervisor must (a stock soft limit of 1024
+    stops at about 330 plugins).  Plugins keep the soft limit they would have had (the prologue
+    sets it back, see ``plugins_open_files``): a program using ``select()`` must never see a
+    descriptor above 1023.  False if there is no room left."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = OPEN_FILES_CAP if hard == resource.RLIM_INFINITY else hard
+    new = min(cap, max(soft * 2, 1024))
+    if new <= soft:
+        return False
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError):
+        return False
+    if not _plugins_open_files:
+        _plugins_open_files.append(soft)
+    log.info("out of file descriptors: raised this process's open files limit from %d to %d "
+             "(each plugin holds 3 here; plugins keep a soft limit of %d)", soft, new,
+             _plugins_open_files[0])
+    return True
+
+
+def plugins_open_files() -> int | None:
+    """The soft RLIMIT_NOFILE a plugin without ``open_files_max`` gets, if ours was raised."""
+    return _plugins_open_files[0] if _plugins_open_files else None
 
 # Output a plugin prints when a limit stopped it (checked only for the limits it has).
 LIMIT_MESSAGES = {

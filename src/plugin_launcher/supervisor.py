@@ -8,10 +8,12 @@ group is being ended (checked every 50 ms) or on kernels without pidfd.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import os
 import random
+import resource
 import selectors
 import signal
 import subprocess
@@ -712,13 +714,15 @@ class Supervisor:
             return
         if not self.liveness.may_spawn(proc):  # scope: host, another launcher runs it
             return
-        stop_timeout = decision.options.stop_timeout
         try:
-            env = self.liveness.environment(decision, self.environment(decision))
-            run = spawn(decision, env, self.containment,
-                        lambda pid: self._announce(pid, stop_timeout))
+            run = self._start_run(decision)
         except (OSError, subprocess.SubprocessError) as exc:
             error = proc.error = f"cannot start {decision.command[0]}: {exc}"
+            if getattr(exc, "errno", None) == errno.EMFILE:
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                error += (f" (this process's open files limit is {soft}, its hard limit "
+                          f"{hard}; each plugin holds 3 descriptors here)")
+                proc.error = error
             proc.run = None
             self._feed(proc, lambda: proc.machine.spawn_failed(error))
             return
@@ -737,6 +741,18 @@ class Supervisor:
         log.info("started plugin %s (pid %d): %s", proc.name, run.pid, " ".join(decision.command))
         self.liveness.started(proc, run)
         self._feed(proc, proc.machine.spawned)
+
+    def _start_run(self, decision: Decision) -> Run:
+        """``spawn``, raising our open files limit when this process is out of descriptors."""
+        stop_timeout = decision.options.stop_timeout
+        while True:
+            env = self.liveness.environment(decision, self.environment(decision))
+            try:
+                return spawn(decision, env, self.containment,
+                             lambda pid: self._announce(pid, stop_timeout))
+            except OSError as exc:
+                if exc.errno != errno.EMFILE or not limits.raise_open_files():
+                    raise
 
     def _terminate(self, run: Run, grace: float) -> None:
         """SIGTERM the run's group now, SIGKILL it after ``grace`` if still there."""
