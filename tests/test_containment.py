@@ -393,3 +393,32 @@ def test_runs_made_ahead_for_a_batch_go_to_their_plugins_and_the_rest_are_remove
     finally:
         found.close()
     assert not any(os.path.exists(root) for root in found.roots)
+
+
+def test_without_bin_sh_plugins_run_directly_and_limits_are_refused(
+        monkeypatch, plugin_dir, tracker, launchers, logs):
+    """A distroless or scratch image has no /bin/sh: plugins start without the prologue (their
+    process group is all that holds them, and `list` says so); a plugin with limits cannot
+    start, with one line that says why."""
+    from helpers import start, status_of, wait_running
+
+    from plugin_launcher import PluginLauncher
+
+    monkeypatch.setattr(containment_module, "SHELL", "/nonexistent/sh")
+    found = Containment.detect()
+    assert found.mechanism == containment_module.NO_SHELL and not found.roots
+    assert "/nonexistent/sh is missing" in found.describe()
+    assert found.command(["/bin/bash", "x.sh"], PluginOptions(), (), os.getpid()) == [
+        "/bin/bash", "x.sh"]
+    write_plugin(plugin_dir, "worker_plain.sh", "#!/bin/bash\necho plain $$\nexec sleep 60\n")
+    write_plugin(plugin_dir, "worker_nice.sh", "#!/bin/bash\nexec sleep 60\n")
+    config = {"plugin_locations": [str(plugin_dir)],
+              "plugin_options": {"worker_nice.sh": {"nice": 5}}}
+    launcher = start(PluginLauncher(config, "worker"), launchers)
+    pid = wait_running(launcher, "worker_plain.sh", tracker)
+    wait_for(lambda: logs.output("worker_plain.sh") == [f"plain {pid}"],
+             message="the plain plugin's line")
+    wait_for(lambda: status_of(launcher, "worker_nice.sh")["state"] == "failed",
+             message="the plugin with limits to fail")
+    assert logs.having("plugin worker_nice.sh", "could not start",
+                       "/nonexistent/sh is missing, and it sets the limits (nice=5)")

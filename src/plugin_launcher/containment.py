@@ -32,6 +32,7 @@ ENV_VAR = "PLUGIN_LAUNCHER_CONTAINMENT"  # auto (default) | cgroup2 | cgroup1 | 
 CHOICES = ("auto", "cgroup2", "cgroup1", "session")
 V1_KILL_CONTROLLERS = ("freezer", "pids")  # then any named hierarchy (name=...)
 SHELL = "/bin/sh"
+NO_SHELL = "process group only (no /bin/sh)"
 EXIT_HOST_GONE = 125
 EXIT_NO_CGROUP = 126
 _serial = itertools.count()
@@ -131,6 +132,7 @@ class Containment:
     roots: list[str] = field(default_factory=list)  # launcher folders (kill first, memory last)
     memory_root: str | None = None  # where memory_max is a memory controller limit
     setpriv: str | None = None
+    uses_prologue: bool = True  # False where /bin/sh is missing: plugins are exec'd directly
     _runs: itertools.count[int] = field(default_factory=itertools.count)
     _reserved: dict[str, tuple[str, ...]] = field(default_factory=dict)  # see reserve()
 
@@ -142,6 +144,8 @@ class Containment:
         if choice not in CHOICES:
             choice = "auto"
         me = f"{os.getpid()}-{_start_time(os.getpid())}-{next(_serial)}"
+        if not os.access(SHELL, os.X_OK):  # a distroless or scratch image: no prologue at all
+            return cls(NO_SHELL, uses_prologue=False)
         self = cls("session ID", setpriv=shutil.which("setpriv"))
         if choice == "session":
             return self
@@ -177,6 +181,9 @@ class Containment:
 
     def describe(self) -> str:
         """One line for ``list``: which mechanism holds a plugin's processes."""
+        if not self.uses_prologue:
+            return (f"process group only: {SHELL} is missing, so plugins start without the "
+                    "prologue (no cgroup, no PDEATHSIG; a plugin with limits cannot start)")
         if self.roots:
             what = (f"{self.mechanism} (one cgroup per run, killed as one; "
                     f"under {os.path.dirname(self.roots[0])})")
@@ -237,6 +244,11 @@ class Containment:
                 host_pid: int, gate: bool = False) -> list[str]:
         """The argv that runs ``argv`` contained (see the module docstring); ``gate``: wait for
         one line on stdin first (process.spawn), then make stdin /dev/null."""
+        if not self.uses_prologue:
+            if options.has_limits:
+                raise OSError(errno.ENOENT, f"{SHELL} is missing, and it sets the limits "
+                              f"({limits.describe(options)})", SHELL)
+            return list(argv)
         script = prologue([os.path.join(c, "cgroup.procs") for c in cages],
                           ulimit_commands(options),
                           host_pid if self.setpriv and not cages else None, gate)

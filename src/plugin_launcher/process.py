@@ -181,7 +181,7 @@ def spawn(decision: Decision, env: dict[str, str], containment: Containment | No
     check_executable(decision.command[0], env)
     options = decision.options
     cages = containment.prepare(options, decision.name)  # before the spawn (no window)
-    gated = not cages or options.nice is not None
+    gated = containment.uses_prologue and (not cages or options.nice is not None)
     gate_r, gate_w = os.pipe() if gated else (subprocess.DEVNULL, None)
     try:
         popen = subprocess.Popen(
