@@ -235,19 +235,22 @@ def oom_killed(pgid: int) -> bool:
 
 
 # ------------------------------------------------------------- what the process-group code calls
-def signal_cage(pgid: int, sig: int) -> None:
-    """``sig`` to every process of run ``pgid`` outside its process group: session members
-    (any group) and cgroup members."""
-    cages = cages_of(pgid)
-    if cages:
-        if sig == signal.SIGKILL:
+def signal_cages(pgids: list[int], sig: int) -> None:
+    """``sig`` to every process of runs ``pgids`` outside their process groups: cgroup
+    members where a cgroup holds the run, else session members (any group).  One pass over
+    /proc serves every run without a cgroup: ending 200 of them is one scan, not 200."""
+    rest = set()
+    for pgid in pgids:
+        cages = cages_of(pgid)
+        if not cages:
+            rest.add(pgid)
+        elif sig == signal.SIGKILL:
             for path in cages:
                 kill_cgroup(path, sig)
         else:  # killpg reached the group: one signal each (a second could rerun a trap)
             found = {p for path in cages for p in members(path)}
             signal_pids([p for p in sorted(found) if _pgrp(p) != pgid], sig)
-        return
-    for pids in session_strays({pgid}).values():
+    for pids in session_strays(rest).values():
         signal_pids(pids, sig)
 
 

@@ -74,11 +74,17 @@ def live_groups(pgids: list[int]) -> set[int]:
 def signal_group(pgid: int, sig: int) -> None:
     """``sig`` to group ``pgid`` and to the rest of its plugin: members of its session that
     changed group, and members of its cgroup (cgroups.py)."""
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    cgroups.signal_cage(pgid, sig)
+    signal_groups([pgid], sig)
+
+
+def signal_groups(pgids: list[int], sig: int) -> None:
+    """``signal_group`` for many groups at once (one scan of /proc for all of them)."""
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    cgroups.signal_cages(pgids, sig)
 
 
 class GroupEnder:
@@ -92,6 +98,7 @@ class GroupEnder:
     def __init__(self) -> None:
         self.deadlines: dict[int, float] = {}  # pgid -> when to SIGKILL it
         self.killed: dict[int, float] = {}  # pgid -> when it was SIGKILLed
+        self._held: list[int] | None = None  # SIGTERMs collected between hold() and release()
 
     def __contains__(self, pgid: int) -> bool:
         return pgid in self.deadlines
@@ -99,10 +106,23 @@ class GroupEnder:
     def __len__(self) -> int:
         return len(self.deadlines)
 
+    def hold(self) -> None:
+        """Collect the SIGTERMs of ``end`` until ``release``, which sends them together: a
+        stop of many groups then scans /proc once, not once per group."""
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            signal_groups(held, signal.SIGTERM)
+
     def end(self, pgid: int, grace: float, now: float) -> None:
-        """SIGTERM group ``pgid`` now; SIGKILL it at ``now + grace`` (the earliest deadline
-        wins when it is being ended already)."""
-        signal_group(pgid, signal.SIGTERM)
+        """SIGTERM group ``pgid`` now (or at ``release``); SIGKILL it at ``now + grace`` (the
+        earliest deadline wins when it is being ended already)."""
+        if self._held is not None:
+            self._held.append(pgid)
+        else:
+            signal_group(pgid, signal.SIGTERM)
         if pgid not in self.killed:
             self.deadlines[pgid] = min(self.deadlines.get(pgid, now + grace), now + grace)
 
@@ -111,23 +131,24 @@ class GroupEnder:
         return None if pgid in self.killed else max(0.0, self.deadlines[pgid] - now)
 
     def kill_all(self) -> None:
-        for pgid in self.deadlines:
-            signal_group(pgid, signal.SIGKILL)
+        signal_groups(list(self.deadlines), signal.SIGKILL)
 
     def check(self, now: float) -> list[int]:
         """SIGKILL the groups past their deadline; forget and return those that are over."""
         alive = live_groups(list(self.deadlines))
-        over = []
+        over, kill = [], []
         for pgid, deadline in list(self.deadlines.items()):
             killed_at = self.killed.get(pgid)
             if pgid in alive and killed_at is None and now >= deadline:
-                signal_group(pgid, signal.SIGKILL)
+                kill.append(pgid)
                 self.killed[pgid] = now
             elif pgid not in alive or (killed_at is not None
                                        and now - killed_at > GRACE_AFTER_KILL):
                 del self.deadlines[pgid]
                 self.killed.pop(pgid, None)
                 over.append(pgid)
+        if kill:
+            signal_groups(kill, signal.SIGKILL)
         return over
 
 
@@ -135,8 +156,10 @@ def end_groups(groups: dict[int, float]) -> None:
     """SIGTERM every group at once, SIGKILL each one still alive after its own timeout."""
     ender = GroupEnder()
     start = time.monotonic()
+    ender.hold()
     for pgid, timeout in groups.items():
         ender.end(pgid, timeout, start)
+    ender.release()
     while ender:
         ender.check(time.monotonic())
         if ender:

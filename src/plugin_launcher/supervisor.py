@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from . import cgroups, limits
 from .containment import Containment
-from .guardian import GroupEnder, live_groups, signal_group
+from .guardian import GroupEnder, live_groups, signal_groups
 from .guardian_client import GuardianClient
 from .liveness import Liveness
 from .logs import RingBuffer, RotatingLog, log_path
@@ -393,11 +393,15 @@ class Supervisor:
             self._feed(proc, proc.machine.start)
 
     def stop(self, names: Iterable[str] | None = None, timeout: float | None = None) -> None:
-        for name in list(self.procs) if names is None else names:
-            proc = self.procs.get(name)
-            if proc is not None:
-                self._replacements.pop(name, None)
-                self._feed(proc, functools.partial(proc.machine.stop, timeout))
+        self._ending.hold()  # every group's SIGTERM in one go (one scan of /proc)
+        try:
+            for name in list(self.procs) if names is None else names:
+                proc = self.procs.get(name)
+                if proc is not None:
+                    self._replacements.pop(name, None)
+                    self._feed(proc, functools.partial(proc.machine.stop, timeout))
+        finally:
+            self._ending.release()
 
     def replace(self, decision: Decision) -> None:
         """Restart a plugin with a new decision (its file changed): stop, then start anew."""
@@ -426,9 +430,9 @@ class Supervisor:
     def kill_all(self) -> None:
         """Last resort (stop_plugins gave up waiting): SIGKILL every known group now."""
         self._ending.kill_all()
-        for proc in self.procs.values():
-            if proc.run is not None and proc.state in ACTIVE_STATES:
-                signal_group(proc.run.pgid, signal.SIGKILL)
+        signal_groups([proc.run.pgid for proc in self.procs.values()
+                       if proc.run is not None and proc.state in ACTIVE_STATES],
+                      signal.SIGKILL)
 
     def awaited(self) -> list[tuple[str, int, float | None]]:
         """(name, pid, seconds until SIGKILL or None once sent) of each plugin being ended."""
