@@ -422,3 +422,34 @@ def test_without_bin_sh_plugins_run_directly_and_limits_are_refused(
              message="the plugin with limits to fail")
     assert logs.having("plugin worker_nice.sh", "could not start",
                        "/nonexistent/sh is missing, and it sets the limits (nice=5)")
+
+
+def test_ending_many_groups_scans_proc_once(monkeypatch):
+    """SIGTERM to 200 groups without cgroups: one pass over /proc for their sessions' strays,
+    not one per group (that took the guardian ~1.9 s at a host's death, past the tests' 2.5 s
+    bound on a loaded machine)."""
+    from plugin_launcher import cgroups as cgroups_module
+    from plugin_launcher.guardian import GroupEnder, end_groups
+
+    scans = []
+    real = cgroups_module.proc_table
+
+    def counting() -> Any:
+        scans.append(1)
+        return real()
+
+    monkeypatch.setattr(cgroups_module, "proc_table", counting)
+    sent = []
+    monkeypatch.setattr(os, "killpg", lambda pgid, sig: sent.append((pgid, sig)))
+    groups = list(range(4_000_000, 4_000_200))  # no such groups: nothing is really signalled
+    ender = GroupEnder()
+    ender.hold()
+    for pgid in groups:
+        ender.end(pgid, 1.0, 0.0)
+    assert scans == [] and sent == []  # held until release()
+    ender.release()
+    assert len(scans) == 1
+    assert sent == [(pgid, signal.SIGTERM) for pgid in groups]
+    scans.clear()
+    end_groups(dict.fromkeys(groups, 0.0))  # what a guardian does when its host dies
+    assert len(scans) <= 3  # the SIGTERMs, then one check finds them all gone
