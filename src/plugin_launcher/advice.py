@@ -7,7 +7,6 @@ near miss of one of *our* keys is worth a warning.
 
 from __future__ import annotations
 
-import difflib
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -36,6 +35,8 @@ def did_you_mean(word: str, choices: Iterable[str], cutoff: float = CUTOFF) -> s
     folded = word.casefold()
     if folded in by_folded:
         return None  # not a near miss: the same word
+    import difflib  # only when something is misspelt: not on every start
+
     found = difflib.get_close_matches(folded, list(by_folded), n=1, cutoff=cutoff)
     return by_folded[found[0]] if found else None
 

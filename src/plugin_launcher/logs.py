@@ -24,6 +24,7 @@ RING_LINES = 1000
 RING_BYTES = 256 * 1024
 RETRY_OPEN = 5.0  # seconds between attempts to reopen a log file that failed
 LOG_BUFFER = 256 * 1024  # bytes of our own messages held for a stderr reader that lags
+LAST_LINES = 3  # a plugin's newest lines in its status (``last_lines``; the status page)
 
 
 class JsonSink(StreamSink):

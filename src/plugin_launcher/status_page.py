@@ -17,7 +17,6 @@ from typing import Any
 from .output import safe_text
 
 OK, UNAVAILABLE = 200, 503
-LAST_LINES = 3  # lines per plugin on the page (``last_lines`` in /status)
 HEALTHY_STATES = frozenset({"starting", "running", "backoff", "stopping", "stopped", "standby"})
 
 

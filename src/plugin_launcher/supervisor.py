@@ -28,7 +28,7 @@ from .containment import Containment
 from .guardian import GroupEnder, live_groups, signal_groups
 from .guardian_client import GuardianClient
 from .liveness import Liveness
-from .logs import RingBuffer, RotatingLog, log_path
+from .logs import LAST_LINES, RingBuffer, RotatingLog, log_path
 from .machine import (
     RUN_STATES,
     Action,
@@ -45,7 +45,6 @@ from .machine import (
 from .output import Sink, safe_logger
 from .plan import Decision
 from .process import ACTIVE_STATES, PluginProcess, Run, State, spawn
-from .status_page import LAST_LINES
 from .timers import Timer, TimerHeap
 
 log = safe_logger("plugin_launcher.supervisor")  # names and paths escaped
