@@ -18,9 +18,11 @@ The figures are printed (even without ``-s``) for benchmarks/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import textwrap
@@ -44,8 +46,10 @@ RSS_BOUND = 30 * MB
 FD_SLACK = 2
 
 HOST = textwrap.dedent("""
-    import json, logging, os, sys, threading
+    import faulthandler, json, logging, os, signal, sys, threading
     from plugin_launcher import PluginLauncher
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks on a hang
 
     class CountingSink:
         '''Counts lines per plugin; checks that flooded lines arrive once and in order.'''
@@ -69,6 +73,7 @@ HOST = textwrap.dedent("""
         "restart": "on-failure", "max_restarts": 0, "backoff": {"initial": 0.1, "max": 1},
         "stop_timeout": 1}}}
     sink = CountingSink()
+    KEYS = ("name", "pid", "state", "restarts", "output_lines")  # what the test reads
     launcher = PluginLauncher(config, "worker", worker_id=0, worker_count=1, sink=sink)
     seen = set()
 
@@ -83,7 +88,7 @@ HOST = textwrap.dedent("""
             launcher.launch_plugins()
             reply({"launched": len(launcher.plugins)})
         elif command == "status":
-            status = launcher.status()
+            status = [{key: s[key] for key in KEYS} for s in launcher.status()]
             seen.update(s["pid"] for s in status if s["pid"])
             reply({"status": status, "counts": dict(sink.counts),
                    "disorder": dict(sink.disorder), "seen": sorted(seen)})
@@ -137,8 +142,9 @@ class Host:
         while b"\n" not in self.buffer:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise AssertionError(f"host did not answer in {timeout}s; its log:\n"
-                                     + self.log.read_text(errors="replace")[-3000:])
+                raise AssertionError(f"host did not answer in {timeout}s ({len(self.buffer)} "
+                                     f"bytes of a reply came); its log and stacks:\n"
+                                     + self.stacks())
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 raise AssertionError("host exited; its log:\n" + self.log.read_text()[-3000:])
@@ -150,6 +156,15 @@ class Host:
             at = exc.pos if isinstance(exc, json.JSONDecodeError) else 0
             raise AssertionError(f"host sent a bad line ({exc}; {len(line)} bytes): "
                                  f"...{line[max(0, at - 200):at + 200]!r}...") from None
+
+    def stacks(self) -> str:
+        """The host's log, after asking it (SIGUSR1, faulthandler) to add every thread's stack."""
+        size = self.log.stat().st_size
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(AssertionError):  # the log as it is, then
+                wait_for(lambda: self.log.stat().st_size > size, 5, message="its stacks")
+        return self.log.read_text(errors="replace")[-6000:]
 
     def ask(self, command: str, timeout: float = 30) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -252,8 +267,11 @@ def _soak(host: Host, pids_dir: Path, tracker: ProcessTracker,
 
     # every flooded line has arrived (flooding ended halfway through the soak)
     flood_names = [f"all_flood_{i:03d}.sh" for i in range(FLOODERS)]
-    wait_for(lambda: all(status()["counts"].get(n) == FLOOD_LINES for n in flood_names), 60,
-             interval=0.2, message="every flooded line")
+    def all_flooded() -> bool:  # one status() a try, not one a plugin
+        counts = status()["counts"]
+        return all(counts.get(n) == FLOOD_LINES for n in flood_names)
+
+    wait_for(all_flooded, 60, interval=0.2, message="every flooded line")
     end = host.figures()
     final = status()
     counts, by_name = final["counts"], {s["name"]: s for s in final["status"]}
@@ -276,6 +294,9 @@ def _soak(host: Host, pids_dir: Path, tracker: ProcessTracker,
     stop_started = time.monotonic()
     host.ask("stop", 60)
     stop_seconds = time.monotonic() - stop_started
+    # join() returns a moment before the OS thread is gone: give the kernel that moment
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: host.ps.num_threads() <= before["threads"], 5, message="thread exit")
     after = host.figures()
 
     # no plugin process is left: every PID any run recorded, every PID status() showed, and
