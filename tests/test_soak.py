@@ -78,8 +78,11 @@ HOST = textwrap.dedent("""
     seen = set()
 
     def reply(value):
-        sys.stdout.write(json.dumps(value) + "\\n")
-        sys.stdout.flush()
+        # os.write until done: on this kernel a blocking pipe write can return short while
+        # another thread spawns processes, and Python's buffered stdout then drops the rest
+        view = memoryview((json.dumps(value) + "\\n").encode())
+        while view:
+            view = view[os.write(1, view):]
 
     reply({"ready": os.getpid()})
     for command in sys.stdin:
